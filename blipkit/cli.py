@@ -1,0 +1,232 @@
+"""The ``blipkit`` command. Thin: parses arguments and calls the Python API.
+
+Exit codes: 0 all done, 3 finished with some failed items, 2 usage error, 1 crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit code 2."""
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded), a transformers BLIP-2 dir or a blipkit checkpoint dir",
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
+    )
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blipkit",
+        description="BLIP-2 style vision-language models: caption, ask, chat, classify, similarity.",
+        epilog="Examples:\n  blipkit caption examples/ --prompt 'a photo of'\n"
+        "  blipkit ask examples/red_circle.png 'what shape is in the image?'\n"
+        "  echo 'what color is it?' | blipkit chat examples/red_circle.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "caption", help="caption images and folders (JSONL rows {path, caption} or {path, error})"
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
+    p.add_argument("--out", default=None, help="output file (default: stdout); an existing file is resumed")
+    p.add_argument("--format", default="jsonl", choices=["jsonl"], help="output format")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
+    _model_arg(p)
+
+    p = sub.add_parser("ask", help="answer a question about an image")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    _model_arg(p)
+
+    p = sub.add_parser("chat", help="chat about an image; one turn per line on stdin")
+    p.add_argument("image")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    _model_arg(p)
+
+    p = sub.add_parser("classify", help="zero-shot classification against comma-separated labels")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--labels", required=True, help='e.g. "a cat,a dog"')
+    p.add_argument("--template", default="{}", help="prompt template for labels, e.g. 'a photo of {}'")
+    _model_arg(p)
+
+    p = sub.add_parser("similarity", help="ITC similarity matrix of images x texts")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--texts", nargs="+", required=True)
+    _model_arg(p)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    import blipkit
+
+    return blipkit.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def iter_images(paths: list[str], recursive: bool) -> Iterator[Path]:
+    """Image files named or found in folders (lazily), by extension, case-insensitive."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            walker = path.rglob("*") if recursive else path.glob("*")
+            for f in sorted(walker):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    yield f
+        elif path.exists():
+            yield path
+        else:
+            raise UsageError(f"no such file or folder: {raw}")
+
+
+def _done_paths(out: Path) -> set[str]:
+    """Paths already in a JSONL output; a torn last line (killed writer) is cut off."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        out.write_bytes(data)
+    return {json.loads(line)["path"] for line in data.decode().splitlines() if line.strip()}
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from blipkit.processing import ImageError, load_image
+
+    files = list(iter_images(args.paths, args.recursive))
+    out_path = Path(args.out) if args.out else None
+    done = set() if (out_path is None or args.overwrite) else _done_paths(out_path)
+    todo = [f for f in files if str(f.resolve()) not in done]
+    model = _load(args)
+    sink = open(out_path, "w" if args.overwrite else "a") if out_path else sys.stdout  # noqa: SIM115
+    captioned = failed = 0
+    try:
+        for i in range(0, len(todo), args.batch_size):
+            batch, images = [], []
+            for f in todo[i : i + args.batch_size]:
+                try:
+                    images.append(load_image(f))
+                    batch.append(f)
+                except ImageError as e:
+                    sink.write(json.dumps({"path": str(f.resolve()), "error": e.reason}) + "\n")
+                    failed += 1
+            if images:
+                caps = model.caption(
+                    images, prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams
+                )
+                for f, c in zip(batch, caps, strict=True):
+                    sink.write(json.dumps({"path": str(f.resolve()), "caption": c}) + "\n")
+                captioned += len(images)
+            sink.flush()
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    print(f"captioned {captioned}, skipped {len(files) - len(todo)}, failed {failed}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    model = _load(args)
+    print(model.ask(args.image, args.question, max_new_tokens=args.max_new_tokens))
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    chat = model.chat(args.image, max_new_tokens=args.max_new_tokens)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            print(chat.send(line.strip()), flush=True)
+    return EXIT_OK
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    if not labels:
+        raise UsageError("--labels needs at least one label")
+    model = _load(args)
+    for path, probs in zip(
+        args.images, model.classify(args.images, labels, template=args.template), strict=True
+    ):
+        best = max(probs, key=probs.get)
+        print(json.dumps({"path": path, "label": best, "probs": {k: round(v, 4) for k, v in probs.items()}}))
+    return EXIT_OK
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    model = _load(args)
+    sims = model.similarity(args.images, args.texts)
+    width = max(len(t) for t in args.texts)
+    print(" " * 24 + "  ".join(f"{t[:width]:>{width}}" for t in args.texts))
+    for path, row in zip(args.images, sims.tolist(), strict=True):
+        print(f"{Path(path).name[:24]:<24}" + "  ".join(f"{v:>{width}.3f}" for v in row))
+    return EXIT_OK
+
+
+COMMANDS = {
+    "caption": cmd_caption,
+    "ask": cmd_ask,
+    "chat": cmd_chat,
+    "classify": cmd_classify,
+    "similarity": cmd_similarity,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from blipkit.assets import AssetError
+    from blipkit.errors import CapabilityError
+    from blipkit.loading import CheckpointError
+    from blipkit.processing import ImageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except (
+        UsageError,
+        ImageError,
+        CheckpointError,
+        AssetError,
+        FileNotFoundError,
+        CapabilityError,
+        ValueError,
+    ) as e:
+        print(f"blipkit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

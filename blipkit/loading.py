@@ -1,0 +1,292 @@
+"""Loading and saving checkpoints, as a chain: read -> detect format -> filter -> strict load -> report.
+
+Formats:
+- transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` ``save_pretrained`` dirs;
+- blipkit dirs: ``config.json`` (``{"format": "blipkit", "config": {...}}``) + ``bridge.safetensors`` holding
+  the Q-Former and bridge only. Frozen parts (vision encoder, LLM) are referenced by path or asset name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from blipkit.config import Blip2Config, LLMConfig, VisionConfig
+from blipkit.convert import hf_blip2
+from blipkit.models.blip2 import Blip2
+from blipkit.models.vision import Dinov2Encoder, EvaViT
+from blipkit.processing import ImageProcessor
+
+BLIPKIT_FORMAT = "blipkit"
+BRIDGE_FILE = "bridge.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the missing, unexpected or mis-shaped keys."""
+
+
+@dataclass
+class Loaded:
+    model: Blip2
+    tokenizer: Any  # the LLM's tokenizer (None without an LLM)
+    processor: ImageProcessor
+    qformer_tokenizer: Any  # tokenizer of the Q-Former text path (None without one)
+    path: Path | None
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def read_state_dict(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
+    """All tensors of a safetensors dir (or file) whose name starts with ``prefix``, prefix removed."""
+    path = Path(path)
+    files = [path] if path.is_file() else _weight_files(path)
+    out = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix) :]] = f.get_tensor(key)
+    return out
+
+
+def check_state_dict(expected: dict[str, torch.Size], got: dict[str, Tensor], where: str) -> None:
+    """Strict: every expected key present with the right shape, nothing unexpected."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(got))
+        if tuple(got[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if mismatched:
+        problems.append(f"mis-shaped keys {mismatched}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    check_state_dict(expected, state_dict, where)
+    module.load_state_dict(state_dict, strict=True, assign=True)
+
+
+# --- resolving references -----------------------------------------------------------------------------------
+def resolve(ref: str, base: Path | None = None) -> Path:
+    """An asset name ("asset:NAME"), or a path (relative paths are taken from ``base`` first)."""
+    if ref.startswith("asset:"):
+        from blipkit import assets
+
+        return assets.resolve(ref)
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and base is not None and (base / p).exists():
+        return base / p
+    if not p.exists():
+        raise FileNotFoundError(f"referenced weights not found: {ref!r}")
+    return p
+
+
+def _is_hf_blip2(path: Path) -> bool:
+    cfg = path / "config.json"
+    return cfg.exists() and "qformer_config" in json.loads(cfg.read_text())
+
+
+# --- building the parts -------------------------------------------------------------------------------------
+def build_vision(cfg: VisionConfig, state_dict: dict[str, Tensor] | None, base: Path | None) -> nn.Module:
+    if cfg.kind == "dinov2":
+        if not cfg.pretrained:
+            raise CheckpointError(
+                "vision.kind 'dinov2' needs vision.pretrained (a transformers Dinov2Model dir)"
+            )
+        return Dinov2Encoder.from_pretrained(cfg, str(resolve(cfg.pretrained, base)))
+    if cfg.kind != "eva":
+        raise ValueError(f"unknown vision kind {cfg.kind!r}; expected 'eva' or 'dinov2'")
+    if state_dict is None:
+        if not cfg.pretrained:
+            raise CheckpointError(
+                "vision.kind 'eva' needs weights: vision.pretrained (a transformers BLIP-2 dir)"
+            )
+        source = resolve(cfg.pretrained, base)
+        hf = {"vision_model." + k: v for k, v in read_state_dict(source, "vision_model.").items()}
+        state_dict = {k.removeprefix("vision."): v for k, v in hf_blip2.filter_hf(hf).items()}
+    with torch.device("meta"):
+        vision = EvaViT(cfg)
+    load_strict(vision, state_dict, "vision encoder")
+    return vision
+
+
+def _llm_class(cfg: LLMConfig, hf_config: Any) -> type:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if cfg.kind == "causal" else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    return mapping[type(hf_config)]
+
+
+def build_llm(
+    cfg: LLMConfig, state_dict: dict[str, Tensor] | None, base: Path | None, dtype: torch.dtype
+) -> nn.Module | None:
+    """A frozen transformers LLM, from a dir, an asset, a transformers BLIP-2 dir or (config, state dict)."""
+    if cfg.kind == "none":
+        return None
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_config = None
+    if state_dict is None:
+        if not cfg.pretrained:
+            raise CheckpointError("llm needs weights: llm.pretrained (a transformers dir or asset name)")
+        source = resolve(cfg.pretrained, base)
+        if not _is_hf_blip2(source):
+            cls = _llm_class(cfg, AutoConfig.from_pretrained(source))
+            return cls.from_pretrained(source, dtype=dtype).eval().requires_grad_(False)
+        hf_config = json.loads((source / "config.json").read_text())["text_config"]
+        state_dict = read_state_dict(source, "language_model.")
+    hf_config = dict(hf_config or cfg.hf_config or {})
+    if not hf_config:
+        raise CheckpointError("llm.hf_config is empty and no llm.pretrained is given")
+    config = AutoConfig.for_model(**hf_config)
+    cls = _llm_class(cfg, config)
+    llm, info = cls.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
+    )
+    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if problems or info.get("error_msgs"):
+        raise CheckpointError(f"language model: {problems} {info.get('error_msgs') or ''}".strip())
+    return llm.eval().requires_grad_(False)
+
+
+def build_model(
+    cfg: Blip2Config,
+    state_dict: dict[str, Tensor],
+    base: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Blip2:
+    """Assemble a model from its config and a blipkit-named state dict (vision/llm parts optional)."""
+    vision_sd = {k[7:]: v for k, v in state_dict.items() if k.startswith("vision.")} or None
+    llm_sd = {k[4:]: v for k, v in state_dict.items() if k.startswith("llm.")} or None
+    vision = build_vision(cfg.vision, vision_sd, base).requires_grad_(False).eval()
+    llm = build_llm(cfg.llm, llm_sd, base, dtype)
+    with torch.device("meta"):  # only the Q-Former and bridge are new; they are filled below
+        model = Blip2(cfg, vision, llm)
+    for part in ("qformer", "bridge"):
+        if hasattr(model, part):
+            sub = {k[len(part) + 1 :]: v for k, v in state_dict.items() if k.startswith(part + ".")}
+            load_strict(getattr(model, part), sub, f"{part} weights")
+    unknown = sorted(k for k in state_dict if k.split(".")[0] not in ("vision", "llm", "qformer", "bridge"))
+    if unknown or (not hasattr(model, "bridge") and any(k.startswith("bridge.") for k in state_dict)):
+        raise CheckpointError(f"unexpected keys {unknown or ['bridge.*']}")
+    model.vision.to(dtype)
+    return model.eval()
+
+
+# --- tokenizers and processors ------------------------------------------------------------------------------
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _processor_from_hf_dir(path: Path) -> dict[str, Any]:
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = path / name
+        if f.exists():
+            d = json.loads(f.read_text())
+            d = d.get("image_processor", d)
+            return ImageProcessor.from_hf_dict(d).to_dict()
+    return {}
+
+
+# --- public entry points ------------------------------------------------------------------------------------
+def load_checkpoint(
+    name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None
+) -> Loaded:
+    """Load a transformers BLIP-2 dir, a blipkit checkpoint dir, or ``"default"`` (the embedded model)."""
+    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (WEIGHTS_DIR / str(name_or_path)).exists():
+        path = WEIGHTS_DIR / str(name_or_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {str(name_or_path)!r} (expected a directory with config.json)"
+        )
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("format") == BLIPKIT_FORMAT:
+        cfg = Blip2Config.from_dict(raw["config"])
+        trained = read_state_dict(path / BRIDGE_FILE)
+        model = build_model(cfg, trained, base=path, dtype=dtype)
+        tok_ref = cfg.llm.tokenizer or cfg.llm.pretrained
+        llm_tok = _tokenizer(resolve(tok_ref, path)) if model.has_llm and tok_ref else None
+    elif "qformer_config" in raw:
+        cfg = hf_blip2.config_from_hf(raw)
+        cfg.processor = _processor_from_hf_dir(path)
+        state_dict = read_state_dict(path)
+        fmt = hf_blip2.detect_format(state_dict)
+        if fmt != "transformers":
+            raise CheckpointError(f"{path}: a {fmt} state dict in a transformers config dir")
+        state_dict = hf_blip2.fill_missing(hf_blip2.filter_hf(state_dict), cfg)
+        model = build_model(cfg, state_dict, base=path, dtype=dtype)
+        # the saved blipkit checkpoint will reference these frozen weights instead of copying them
+        cfg.vision.pretrained = str(path.resolve())
+        if model.has_llm:
+            cfg.llm.pretrained, cfg.llm.hf_config = str(path.resolve()), None
+        llm_tok = _tokenizer(path) if model.has_llm else None
+        if cfg.qformer.text_path:
+            cfg.qformer_tokenizer = str(path.resolve())
+    else:
+        raise CheckpointError(f"{path}/config.json is neither a blipkit nor a transformers BLIP-2 config")
+    q_tok = _tokenizer(resolve(cfg.qformer_tokenizer, path)) if cfg.qformer_tokenizer else None
+    if device:
+        model.to(device)
+    return Loaded(model, llm_tok, ImageProcessor.from_dict(cfg.processor), q_tok, path)
+
+
+def save_checkpoint(
+    model: Blip2, out_dir: str | os.PathLike, processor: ImageProcessor | None = None
+) -> Path:
+    """Write ``config.json`` + ``bridge.safetensors`` (Q-Former and bridge; frozen parts by reference)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if processor is not None:
+        cfg.processor = processor.to_dict()
+    trained = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if k.split(".")[0] in ("qformer", "bridge")
+    }
+    save_file(trained, str(out / BRIDGE_FILE), metadata={"format": "pt"})
+    (out / "config.json").write_text(
+        json.dumps({"format": BLIPKIT_FORMAT, "config": cfg.to_dict()}, indent=2)
+    )
+    return out
