@@ -42,6 +42,11 @@ class Model:
             return images.to(self.device)
         return self.processor(images).to(self.device)
 
+    @staticmethod
+    def _items(images: Images | Tensor) -> list | Tensor:
+        """A list of images, or an already processed (B, 3, S, S) batch as is."""
+        return images if isinstance(images, Tensor) else as_image_list(images)
+
     def _tokenize(
         self, tokenizer: Any, texts: list[str], padding_side: str = "right"
     ) -> tuple[Tensor, Tensor]:
@@ -83,9 +88,9 @@ class Model:
         num_beams: int = 1,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """One answer per (image, prompt) pair; batched with left padding."""
+        """One answer per (image, prompt) pair, in batches of ``batch_size``."""
         self._require_llm()
-        items = images if isinstance(images, Tensor) else as_image_list(images)
+        items = self._items(images)
         if len(prompts) != len(items):
             raise ValueError(f"{len(items)} images but {len(prompts)} prompts")
         tok = self.tokenizer
@@ -101,7 +106,9 @@ class Model:
         out: list[str] = []
         for i in range(0, len(items), self.batch_size):
             chunk, texts = items[i : i + self.batch_size], prompts[i : i + self.batch_size]
-            ids, mask = self._tokenize(tok, texts, padding_side="left")
+            # right padding keeps relative positions intact for encoder-decoder LLMs (T5); decoder-only
+            # prompts are left-packed by the model after the visual prompt is put in front
+            ids, mask = self._tokenize(tok, texts)
             tokens = self.model.generate(
                 self.pixel_values(chunk), ids, mask, **self._qformer_text(texts), **kwargs
             )
@@ -117,7 +124,8 @@ class Model:
         **generate_kwargs: Any,
     ) -> list[str]:
         """Describe each image; ``prompt`` (e.g. "a photo of") is continued by the model."""
-        items = as_image_list(images)
+        self._require_llm()
+        items = self._items(images)
         text = prompt if prompt is not None else (self.config.prompts.caption or "")
         return self.generate(items, [text] * len(items), max_new_tokens, num_beams, **generate_kwargs)
 
@@ -138,7 +146,7 @@ class Model:
     def image_query_embeddings(self, images: Images) -> Tensor:
         """Per-query ITC embeddings (N, Q, E), L2-normalised."""
         self._require_qformer_tokenizer()
-        items = as_image_list(images)
+        items = self._items(images)
         parts = [
             self.model.qformer.image_features(
                 self.model.encode_image(self.pixel_values(items[i : i + self.batch_size]))
@@ -179,7 +187,7 @@ class Model:
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids, mask = self._tokenize(tok, texts)  # (M, T)
         rows = []
-        items = as_image_list(images)
+        items = self._items(images)
         for i in range(0, len(items), self.batch_size):
             feats = self.model.encode_image(self.pixel_values(items[i : i + self.batch_size]))  # (b, P, Dv)
             b, M = feats.shape[0], ids.shape[0]

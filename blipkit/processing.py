@@ -173,9 +173,8 @@ def as_image_list(images) -> list:
         return [images]
     if isinstance(images, (list, tuple)):
         return list(images)
-    raise TypeError(
-        f"expected an image (path, bytes, PIL image, numpy array) or a list of them, got {type(images).__name__}"
-    )
+    kind = type(images).__name__
+    raise TypeError(f"expected an image (path, bytes, PIL image, numpy array) or a list of them, got {kind}")
 
 
 _RESAMPLE = {
