@@ -1,0 +1,5 @@
+import sys
+
+from blipkit.cli import main
+
+sys.exit(main())
