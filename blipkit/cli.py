@@ -6,6 +6,7 @@ Exit codes: 0 all done, 3 finished with some failed items, 2 usage error, 1 cras
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Iterator
@@ -55,29 +56,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
     _model_arg(p)
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("ask", help="answer a question about an image")
     p.add_argument("image")
     p.add_argument("question")
     p.add_argument("--max-new-tokens", type=int, default=None)
     _model_arg(p)
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="chat about an image; one turn per line on stdin")
     p.add_argument("image")
     p.add_argument("--max-new-tokens", type=int, default=30)
     _model_arg(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("classify", help="zero-shot classification against comma-separated labels")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--labels", required=True, help='e.g. "a cat,a dog"')
     p.add_argument("--template", default="{}", help="prompt template for labels, e.g. 'a photo of {}'")
     _model_arg(p)
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("similarity", help="ITC similarity matrix of images x texts")
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--texts", nargs="+", required=True)
     _model_arg(p)
+    p.set_defaults(func=cmd_similarity)
+    for register in _plugins():
+        register(sub, _model_arg)
     return parser
+
+
+def _plugins() -> list:
+    """``register(subparsers, add_model_args)`` of each command group that lives in a sub-package."""
+    from blipkit.train.cli import add_train_parser
+
+    found = [lambda sub, _: add_train_parser(sub)]
+    for module in ("blipkit.batch.cli", "blipkit.retrieval.cli", "blipkit.eval.cli", "blipkit.serve.cli"):
+        try:
+            found.append(importlib.import_module(module).register)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
+    return found
 
 
 def _load(args: argparse.Namespace):
@@ -191,15 +213,6 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {
-    "caption": cmd_caption,
-    "ask": cmd_ask,
-    "chat": cmd_chat,
-    "classify": cmd_classify,
-    "similarity": cmd_similarity,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     from blipkit.assets import AssetError
     from blipkit.errors import CapabilityError
@@ -207,12 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     from blipkit.processing import ImageError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":  # only training takes free-form --key=value overrides
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except (
         UsageError,
         ImageError,
