@@ -44,6 +44,9 @@ def left_pack(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
 
 
+VISUAL_INPUTS = ("image_embeds", "prefix", "qformer_input_ids", "qformer_attention_mask")
+
+
 class Blip2(nn.Module):
     def __init__(self, config: Blip2Config, vision: nn.Module, llm: nn.Module | None):
         super().__init__()
@@ -87,8 +90,14 @@ class Blip2(nn.Module):
         return self.bridge(hidden[:, :Q])  # (B, Q, Dl)
 
     def _prefix(
-        self, pixel_values, image_embeds, prefix, qformer_input_ids, qformer_attention_mask
+        self,
+        pixel_values: Tensor | None,
+        image_embeds: Tensor | None = None,
+        prefix: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
     ) -> Tensor:
+        """The visual prompt (B, Q, Dl) in the LLM's dtype, from whichever stage the caller has."""
         self._require_llm()
         if prefix is None:
             if image_embeds is None:
@@ -158,24 +167,22 @@ class Blip2(nn.Module):
         pixel_values: Tensor | None,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        image_embeds: Tensor | None = None,
-        prefix: Tensor | None = None,
-        qformer_input_ids: Tensor | None = None,
-        qformer_attention_mask: Tensor | None = None,
-        **generate_kwargs,
+        **kwargs,
     ) -> Tensor:
         """New tokens (B, N) after the visual prompt and text prompt; greedy, beam search or sampling.
 
-        ``generate_kwargs`` go to transformers' ``generate`` (``max_new_tokens``, ``num_beams``,
-        ``do_sample``,
+        The visual side is given as in ``forward``: ``pixel_values``, or precomputed ``image_embeds`` /
+        ``prefix``, plus ``qformer_input_ids`` / ``qformer_attention_mask`` for question-aware queries.
+        Other ``kwargs`` go to transformers' ``generate`` (``max_new_tokens``, ``num_beams``, ``do_sample``,
         ``min_new_tokens``, ``eos_token_id``, ...). Prompts may be padded on either side.
         """
-        prefix = self._prefix(pixel_values, image_embeds, prefix, qformer_input_ids, qformer_attention_mask)
+        visual = {k: kwargs.pop(k, None) for k in VISUAL_INPUTS}
+        prefix = self._prefix(pixel_values, **visual)
         if input_ids is None:
             input_ids = torch.zeros(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
         embeds, mask = self._inputs(prefix, input_ids, attention_mask)
         if self.is_encoder_decoder:
-            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             return out[:, 1:]  # drop the decoder start token
         embeds, mask = left_pack(embeds, mask)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
