@@ -201,8 +201,12 @@ def build_model(
         model = Blip2(cfg, vision, llm)
     for part in ("qformer", "bridge"):
         if hasattr(model, part):
-            sub = {k[len(part) + 1 :]: v for k, v in state_dict.items() if k.startswith(part + ".")}
-            load_strict(getattr(model, part), sub, f"{part} weights")
+            module = getattr(model, part)
+            got = {k: v for k, v in state_dict.items() if k.startswith(part + ".")}
+            expected = {f"{part}.{k}": v.shape for k, v in module.state_dict().items()}
+            check_state_dict(expected, got, "checkpoint")
+            module.load_state_dict({k[len(part) + 1 :]: v for k, v in got.items()}, strict=True, assign=True)
+            module.float()  # trained parts run in fp32 (they may be stored as fp16)
     unknown = sorted(k for k in state_dict if k.split(".")[0] not in ("vision", "llm", "qformer", "bridge"))
     if unknown or (not hasattr(model, "bridge") and any(k.startswith("bridge.") for k in state_dict)):
         raise CheckpointError(f"unexpected keys {unknown or ['bridge.*']}")
