@@ -90,10 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list:
     """``register(subparsers, add_model_args)`` of each command group that lives in a sub-package."""
-    from blipkit.train.cli import add_train_parser
-
-    found = [lambda sub, _: add_train_parser(sub)]
-    for module in ("blipkit.batch.cli", "blipkit.retrieval.cli", "blipkit.eval.cli", "blipkit.serve.cli"):
+    found = []
+    for module in (
+        "blipkit.train.cli",
+        "blipkit.batch.cli",
+        "blipkit.retrieval.cli",
+        "blipkit.eval.cli",
+        "blipkit.serve.cli",
+    ):
         try:
             found.append(importlib.import_module(module).register)
         except ModuleNotFoundError as e:
