@@ -9,11 +9,9 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class UsageError(Exception):
@@ -42,21 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "caption", help="caption images and folders (JSONL rows {path, caption} or {path, error})"
-    )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
-    p.add_argument("--out", default=None, help="output file (default: stdout); an existing file is resumed")
-    p.add_argument("--format", default="jsonl", choices=["jsonl"], help="output format")
-    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
-    _model_arg(p)
-    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("ask", help="answer a question about an image")
     p.add_argument("image")
@@ -110,67 +93,6 @@ def _load(args: argparse.Namespace):
     import blipkit
 
     return blipkit.load(args.model, dtype=args.dtype, device=args.device)
-
-
-def iter_images(paths: list[str], recursive: bool) -> Iterator[Path]:
-    """Image files named or found in folders (lazily), by extension, case-insensitive."""
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            walker = path.rglob("*") if recursive else path.glob("*")
-            for f in sorted(walker):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    yield f
-        elif path.exists():
-            yield path
-        else:
-            raise UsageError(f"no such file or folder: {raw}")
-
-
-def _done_paths(out: Path) -> set[str]:
-    """Paths already in a JSONL output; a torn last line (killed writer) is cut off."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        out.write_bytes(data)
-    return {json.loads(line)["path"] for line in data.decode().splitlines() if line.strip()}
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    from blipkit.processing import ImageError, load_image
-
-    files = list(iter_images(args.paths, args.recursive))
-    out_path = Path(args.out) if args.out else None
-    done = set() if (out_path is None or args.overwrite) else _done_paths(out_path)
-    todo = [f for f in files if str(f.resolve()) not in done]
-    model = _load(args)
-    sink = open(out_path, "w" if args.overwrite else "a") if out_path else sys.stdout  # noqa: SIM115
-    captioned = failed = 0
-    try:
-        for i in range(0, len(todo), args.batch_size):
-            batch, images = [], []
-            for f in todo[i : i + args.batch_size]:
-                try:
-                    images.append(load_image(f))
-                    batch.append(f)
-                except ImageError as e:
-                    sink.write(json.dumps({"path": str(f.resolve()), "error": e.reason}) + "\n")
-                    failed += 1
-            if images:
-                caps = model.caption(
-                    images, prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams
-                )
-                for f, c in zip(batch, caps, strict=True):
-                    sink.write(json.dumps({"path": str(f.resolve()), "caption": c}) + "\n")
-                captioned += len(images)
-            sink.flush()
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
-    print(f"captioned {captioned}, skipped {len(files) - len(todo)}, failed {failed}", file=sys.stderr)
-    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

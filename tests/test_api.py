@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -153,20 +152,6 @@ def test_cli_user_errors_are_one_line(opt_dir, images, capsys):
     assert code == 2
     assert err.count("\n") == 1 and "broken.jpg" in err and "Traceback" not in err
     assert cli.main(["ask", str(folder / "img0.png"), "what?", "--model", str(folder / "nope")]) == 2
-
-
-def test_cli_caption_folder_reports_failures_and_resumes(opt_dir, images, tmp_path, capsys):
-    folder, _ = images
-    out = tmp_path / "caps.jsonl"
-    args = ["caption", str(folder), "--model", str(opt_dir), "--out", str(out), "--max-new-tokens", "3"]
-    assert cli.main(args) == 3
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 4  # notes.txt is not an image
-    failed = [r for r in rows if "error" in r]
-    assert len(failed) == 1 and failed[0]["path"].endswith("broken.jpg")
-    assert cli.main(args) == 0  # nothing left to do
-    assert len(out.read_text().splitlines()) == 4
-    assert "skipped 4" in capsys.readouterr().err
 
 
 def test_cli_chat_from_a_pipe(opt_dir, images):

@@ -1,0 +1,347 @@
+"""Image-cache and batching benchmark for ``blipkit serve``.
+
+1. Eight questions about one image: blipkit's serving engine (visual prompt cached by image hash) against
+   transformers' ``Blip2ForConditionalGeneration.generate``, which re-encodes the image for every question.
+2. Throughput of a real uvicorn server: 16 concurrent clients against one client at a time.
+
+The model has BLIP-2's proportions with random weights built from a config (no downloads): EVA ViT-g
+(224 px -> 257 tokens x 1408, 39 layers), Q-Former (bert-base, 32 queries), OPT-125m-sized LLM.
+
+    nice -n 19 python bench/serve_cache.py --out reports/serve-bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    OPTConfig,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import blipkit  # noqa: E402
+from blipkit.serve.engine import Engine  # noqa: E402
+
+QUESTIONS = [
+    "what is in the picture?",
+    "what color is the sky?",
+    "how many people are there?",
+    "is it day or night?",
+    "what is the man holding?",
+    "where was this taken?",
+    "what is on the table?",
+    "is there a dog?",
+]
+VOCAB = 50272  # OPT
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+
+
+def opt_like_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer with OPT's vocabulary size and special ids; the last id is ``<image>``."""
+    words = sorted(
+        {w for q in QUESTIONS for w in q.replace("?", " ").split()} | {"Question", "Answer", ":", "?"}
+    )
+    names = SPECIALS + words + [f"w{i}" for i in range(VOCAB - 1 - len(SPECIALS) - len(words))]
+    vocab = {t: i for i, t in enumerate(names)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    out = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    out.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return out
+
+
+def build_model(path: Path, vision_layers: int, vision_width: int) -> Blip2ForConditionalGeneration:
+    tok = opt_like_tokenizer()
+    heads = 16 if vision_width % 16 == 0 else 12
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=vision_width,
+            intermediate_size=int(vision_width * 4.3636) // 64 * 64,  # ViT-g: 1408 -> 6144
+            num_hidden_layers=vision_layers,
+            num_attention_heads=heads,
+            image_size=224,
+            patch_size=14,
+        ),
+        qformer_config=Blip2QFormerConfig(
+            encoder_hidden_size=vision_width
+        ),  # bert-base, cross-attn every 2nd
+        text_config=OPTConfig(  # OPT-125m
+            vocab_size=len(tok),
+            hidden_size=768,
+            ffn_dim=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=2048,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        num_query_tokens=32,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 0.02)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    proc = transformers.BlipImageProcessor(size={"height": 224, "width": 224})
+    proc.save_pretrained(path)
+    return model
+
+
+def photo() -> bytes:
+    """A 640x480 JPEG with some structure."""
+    yy, xx = np.mgrid[0:480, 0:640]
+    arr = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bench_transformers(hf, bk: blipkit.Model, image: bytes, tokens: int) -> tuple[list[float], list[str]]:
+    """transformers: every question re-decodes and re-encodes the image."""
+    tok, image_id, q = bk.tokenizer, hf.config.image_token_id, hf.config.num_query_tokens
+    times, answers = [], []
+    for question in QUESTIONS:
+        start = time.perf_counter()
+        pixels = bk.processor(image)  # decode + resize + normalise
+        ids = [image_id] * q + tok(f"Question: {question} Answer:")["input_ids"]
+        with torch.inference_mode():
+            out = hf.generate(
+                pixel_values=pixels,
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=tokens,
+                do_sample=False,
+                num_beams=1,
+            )
+        times.append(time.perf_counter() - start)
+        answers.append(
+            tok.decode(out[0, len(ids) :] if out.shape[1] > tokens else out[0], skip_special_tokens=True)
+        )
+    return times, answers
+
+
+def bench_blipkit(engine: Engine, image: bytes, tokens: int) -> tuple[list[float], list[str]]:
+    """blipkit: the first question encodes the image, the others reuse its cached visual prompt."""
+    key = f"bench-{len(image)}-{hash(image)}"
+    times, answers = [], []
+    for question in QUESTIONS:
+        start = time.perf_counter()
+        text, ids = engine.prompt([], question, tokens)
+        answers.append(engine.run(image, key, ids, text, max_tokens=tokens).text)
+        times.append(time.perf_counter() - start)
+    return times, answers
+
+
+def bench_clients(engine: Engine, image: bytes, clients: int, rounds: int, tokens: int) -> dict[str, float]:
+    """Requests/s through a real uvicorn server: one client at a time vs ``clients`` at once."""
+    import base64
+
+    import httpx
+    import uvicorn
+
+    from blipkit.serve import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions"
+    server = uvicorn.Server(uvicorn.Config(create_app(engine.model, engine=engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    uri = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+
+    def request(client: httpx.Client, i: int) -> float:
+        content = [
+            {"type": "image_url", "image_url": {"url": uri}},
+            {"type": "text", "text": QUESTIONS[i % 8]},
+        ]
+        start = time.perf_counter()
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": tokens}
+        r = client.post(url, json=body, timeout=600)
+        r.raise_for_status()
+        return time.perf_counter() - start
+
+    total = clients * rounds
+    with httpx.Client() as client:
+        request(client, 0)  # warm: the image is cached from here on
+        start = time.perf_counter()
+        serial = [request(client, i) for i in range(total)]
+        serial_s = time.perf_counter() - start
+
+    latencies: list[float] = []
+    barrier = threading.Barrier(clients)
+
+    def client_loop(c: int) -> None:
+        with httpx.Client() as client:
+            barrier.wait()
+            for r in range(rounds):
+                latencies.append(request(client, c * rounds + r))
+
+    batches_before = engine.batches
+    workers = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    concurrent_s = time.perf_counter() - start
+    server.should_exit = True
+    thread.join(10)
+    return {
+        "requests": total,
+        "serial_s": serial_s,
+        "serial_rps": total / serial_s,
+        "serial_latency": statistics.mean(serial),
+        "concurrent_s": concurrent_s,
+        "concurrent_rps": total / concurrent_s,
+        "concurrent_latency": statistics.mean(latencies),
+        "batches": engine.batches - batches_before,
+        "largest_batch": engine.largest_batch,
+    }
+
+
+def bench_default(tokens: int, image: bytes) -> str:
+    try:
+        model = blipkit.load("default")
+    except Exception as e:  # the embedded default needs its assets
+        return f'`blipkit.load("default")` is not available here ({type(e).__name__}: {e}); not measured.'
+    cached = Engine(model)
+    uncached = Engine(model, cache_size=0)
+    t_cached, _ = bench_blipkit(cached, image, tokens)
+    t_uncached, _ = bench_blipkit(uncached, image, tokens)
+    cached.stop()
+    uncached.stop()
+    return (
+        f"Default model, 8 questions: cache off {sum(t_uncached):.2f} s, cache on {sum(t_cached):.2f} s "
+        f"({sum(t_uncached) / sum(t_cached):.1f}x)."
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=None, help="write a markdown report here")
+    parser.add_argument("--max-new-tokens", type=int, default=10, help="BLIP-2's VQA default")
+    parser.add_argument("--vision-layers", type=int, default=39)
+    parser.add_argument("--vision-width", type=int, default=1408)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="requests per client in the throughput test")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
+    )
+    parser.add_argument("--skip-default", action="store_true", help="do not try blipkit.load('default')")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    image, n = photo(), args.max_new_tokens
+    lines = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    with tempfile.TemporaryDirectory(prefix="blipkit-bench-") as tmp:
+        t0 = time.perf_counter()
+        hf = build_model(Path(tmp), args.vision_layers, args.vision_width)
+        bk = blipkit.load(tmp)
+        print(f"built and loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    engine = Engine(bk, max_batch_size=args.clients, batch_window_ms=10)
+    hf_times, hf_answers = bench_transformers(hf, bk, image, n)
+    bk_times, bk_answers = bench_blipkit(engine, image, n)
+    del hf
+    same = sum(a == b for a, b in zip(hf_answers, bk_answers, strict=True))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    say("## Image cache: 8 questions about one image")
+    say()
+    say(
+        f"Model: BLIP-2 proportions, random weights: ViT {args.vision_layers} layers x {args.vision_width} "
+        f"(257 tokens), Q-Former bert-base with 32 queries, OPT-125m-sized LLM (vocab {VOCAB}); greedy, "
+        f"max_new_tokens={n}. CPU: {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {load:.1f} at the start (shared machine)."
+    )
+    say()
+    say("| question | transformers (s) | blipkit engine (s) |")
+    say("|---|---|---|")
+    for i, (a, b) in enumerate(zip(hf_times, bk_times, strict=True)):
+        say(f"| {i + 1} | {a:.2f} | {b:.2f}{' (encodes the image)' if i == 0 else ''} |")
+    speedup = sum(hf_times) / sum(bk_times)
+    say(f"| **total** | **{sum(hf_times):.2f}** | **{sum(bk_times):.2f}** |")
+    say()
+    say(
+        f"Speed-up over the 8 questions: **{speedup:.1f}x** (goal >= 4x). Follow-up questions alone: "
+        f"{statistics.mean(hf_times[1:]) / statistics.mean(bk_times[1:]):.1f}x. "
+        f"Same answers as transformers: {same}/8."
+    )
+    say()
+    stats = bench_clients(engine, image, args.clients, args.rounds, n)
+    engine.stop()
+    say(f"## Throughput: {args.clients} concurrent clients vs one at a time")
+    say()
+    say(
+        f"{stats['requests']} chat requests (HTTP, real uvicorn on 127.0.0.1) about the cached image, "
+        f"max_tokens={n}; server max batch {args.clients}, window 10 ms."
+    )
+    say()
+    say("| mode | wall (s) | requests/s | mean latency (s) |")
+    say("|---|---|---|---|")
+    say(
+        f"| one at a time | {stats['serial_s']:.2f} | {stats['serial_rps']:.2f} "
+        f"| {stats['serial_latency']:.2f} |"
+    )
+    say(
+        f"| {args.clients} concurrent | {stats['concurrent_s']:.2f} | {stats['concurrent_rps']:.2f} "
+        f"| {stats['concurrent_latency']:.2f} |"
+    )
+    say()
+    say(
+        f"Throughput gain: **{stats['concurrent_rps'] / stats['serial_rps']:.1f}x**; the concurrent run took "
+        f"{stats['batches']} generate calls (largest batch {stats['largest_batch']})."
+    )
+    if not args.skip_default:
+        say()
+        say("## Default model")
+        say()
+        say(bench_default(n, image))
+    if args.out:
+        header = [
+            "# blipkit serve: image cache and batching benchmark",
+            "",
+            f"`{' '.join(['python', *sys.argv])}`, {platform.machine()} CPU, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            "",
+        ]
+        Path(args.out).write_text("\n".join(header + lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""``blipkit caption``: caption files and folders into JSONL, CSV, Parquet or sidecar .txt files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from blipkit.batch.files import missing_paths
+from blipkit.batch.job import Job
+from blipkit.batch.writers import FORMATS, open_sink
+
+EXIT_USAGE = 2
+
+
+def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add the ``caption`` command."""
+    p = subparsers.add_parser(
+        "caption",
+        help="caption images and folders (rows {path, caption} or {path, error}); resumes --out",
+        description="Caption image files and folders. Rows {path, caption}, or {path, error} for files that "
+        "cannot be read. An existing --out is resumed: images already in it are skipped. "
+        "Exit code 3 when some images failed.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
+    p.add_argument("--out", default=None, help="output file (default: JSONL on stdout); resumed if it exists")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=FORMATS,
+        help="jsonl (default), csv, parquet, or txt: a <image-stem>.txt next to each image "
+        "(failures then go to --out as JSONL, or stdout)",
+    )
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
+    p.add_argument(
+        "--engine", default="local", choices=["local", "ray"], help="local, or Ray Data (many machines)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="image decoding processes (default: min(4, CPUs))"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
+    p.add_argument("--concurrency", type=int, default=1, help="ray: number of model actors")
+    p.add_argument(
+        "--progress", action="store_true", help="show the progress bar even when not on a terminal"
+    )
+    add_model_args(p)
+    p.set_defaults(func=cmd_caption)
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    ext = os.path.splitext(args.out or "")[1].lower().lstrip(".")
+    return ext if ext in ("csv", "parquet") else "jsonl"
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    for name in ("batch_size", "max_new_tokens", "num_beams", "concurrency"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    return Job(
+        paths=args.paths,
+        out=args.out,
+        format=_format(args),
+        recursive=args.recursive,
+        overwrite=args.overwrite,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        workers=args.workers if args.workers is not None else min(4, os.cpu_count() or 1),
+        threads=args.threads,
+        progress=args.progress,
+        concurrency=args.concurrency,
+    )
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    missing = missing_paths(args.paths)
+    if missing:
+        print(f"blipkit: error: no such file or folder: {missing[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    job = job_from_args(args)
+    sink = open_sink(job.format, job.out, job.overwrite)
+    try:
+        if args.engine == "ray":
+            from blipkit.batch.ray_engine import run_ray
+
+            summary = run_ray(job, sink)
+        else:
+            from blipkit.batch.local import run_local
+
+            summary = run_local(job, sink)
+    finally:
+        sink.close()
+    print(summary.line(), file=sys.stderr)
+    return summary.exit_code

@@ -1,0 +1,101 @@
+"""What a captioning run is asked to do, what it did, and the pieces both engines share."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from blipkit.batch.decode import Item
+from blipkit.batch.files import iter_images, key_of
+from blipkit.batch.writers import Sink
+
+EXIT_OK, EXIT_SOME_FAILED = 0, 3
+
+
+@dataclass
+class Job:
+    paths: list[str]
+    out: str | None = None
+    format: str = "jsonl"
+    recursive: bool = False
+    overwrite: bool = False
+    prompt: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    model: str = "default"
+    dtype: str | None = None
+    device: str | None = None
+    workers: int = 2
+    threads: int | None = None
+    progress: bool = False
+    concurrency: int = 1
+
+
+@dataclass
+class Summary:
+    captioned: int = 0
+    skipped: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.failed else EXIT_OK
+
+    def line(self) -> str:
+        return f"captioned {self.captioned}, skipped {self.skipped}, failed {self.failed}"
+
+
+def pending(job: Job, sink: Sink, summary: Summary) -> Iterator[Item]:
+    """Images not yet in the output, each once, lazily; counts the skipped ones."""
+    seen: set[str] = set()
+    for path in iter_images(job.paths, job.recursive):
+        key = key_of(path)
+        if key in seen or sink.is_done(key):
+            summary.skipped += key not in seen
+            seen.add(key)
+            continue
+        seen.add(key)
+        yield key, str(path)
+
+
+def result_rows(keys: list[str], captions: dict[str, str], errors: dict[str, str]) -> list[dict]:
+    """Output rows in input order: ``{"path", "caption"}`` or ``{"path", "error"}``."""
+    return [
+        {"path": k, "caption": captions[k]} if k in captions else {"path": k, "error": errors[k]}
+        for k in keys
+    ]
+
+
+class Progress:
+    """A tqdm bar (images/s, ETA) on stderr; the files are counted in a background thread for the total."""
+
+    def __init__(self, job: Job, summary: Summary, enabled: bool | None = None):
+        self.summary = summary
+        self.found: int | None = None
+        self.bar = None
+        if enabled if enabled is not None else (job.progress or sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None, unit="img", desc="caption", file=sys.stderr, dynamic_ncols=True)
+            threading.Thread(target=self._count, args=(job,), daemon=True).start()
+
+    def _count(self, job: Job) -> None:
+        try:
+            self.found = sum(1 for _ in iter_images(job.paths, job.recursive))
+        except OSError:
+            pass
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            return
+        if self.found is not None:  # the skipped ones are not work: leave them out of the total
+            self.bar.total = max(self.found - self.summary.skipped, self.bar.n + n)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,223 @@
+"""Output sinks that survive ``kill -9`` and resume: JSONL, CSV, Parquet and sidecar ``.txt`` files.
+
+Every sink answers ``is_done(path)`` (already in the output), takes rows ``{"path", "caption"}`` or
+``{"path", "error"}`` and is closed at the end. JSONL is appended in whole lines (a torn last line is cut off
+on resume); CSV and Parquet are rewritten to a temporary file and renamed over the output, so a kill leaves
+the previous file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Protocol
+
+FORMATS = ("jsonl", "csv", "parquet", "txt")
+COLUMNS = ("path", "caption", "error")
+
+
+class Sink(Protocol):
+    def is_done(self, path: str) -> bool: ...
+    def write(self, rows: list[dict]) -> None: ...
+    def close(self) -> None: ...
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Make ``tmp`` durable, then atomically put it in place of ``out``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+class JsonlSink:
+    """Appends one JSON line per row; ``out=None`` writes to ``stream`` (stdout) and resumes nothing."""
+
+    def __init__(self, out: Path | None, overwrite: bool = False, stream: IO[str] | None = None):
+        self.out = out
+        self.stream = stream or sys.stdout
+        self.done: set[str] = set()
+        self._fd: int | None = None
+        if out is not None:
+            if not overwrite:
+                self.done = self._repair_and_read(out)
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_APPEND)
+            self._fd = os.open(out, flags, 0o644)
+
+    @staticmethod
+    def _repair_and_read(out: Path) -> set[str]:
+        if not out.exists():
+            return set()
+        done = set()
+        good = 0  # byte offset just after the last complete line
+        with open(out, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a line torn by a killed writer: cut off below, its image is redone
+                good += len(line)
+                try:
+                    done.add(json.loads(line)["path"])
+                except (ValueError, KeyError, TypeError):
+                    pass  # not one of our rows: left as it is
+        if good != out.stat().st_size:
+            os.truncate(out, good)
+        return done
+
+    def is_done(self, path: str) -> bool:
+        return path in self.done
+
+    def write(self, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if self._fd is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        data = text.encode()
+        while data:  # one write syscall in practice; a kill mid-way leaves a torn line that resume cuts off
+            data = data[os.write(self._fd, data) :]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _SnapshotSink:
+    """Buffers rows; every ``flush_seconds`` writes old file + new rows to a temp file and renames it."""
+
+    def __init__(
+        self, out: Path, overwrite: bool = False, flush_seconds: float = 5.0, flush_rows: int = 4096
+    ):
+        self.out = out
+        self.tmp = out.with_name(out.name + ".tmp")
+        self.tmp.unlink(missing_ok=True)  # left by a killed run: never the real output
+        self.flush_seconds = flush_seconds
+        self.flush_rows = flush_rows
+        self.fresh = overwrite or not out.exists()  # the next snapshot does not copy the old file
+        self.done: set[str] = set() if self.fresh else self._read_paths()
+        self.pending: list[dict] = []
+        self._last = time.monotonic()
+
+    def is_done(self, path: str) -> bool:
+        return path in self.done
+
+    def write(self, rows: list[dict]) -> None:
+        self.pending.extend(rows)
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self._last >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending and not self.fresh:
+            return
+        self._snapshot(self.pending)
+        _replace(self.tmp, self.out)
+        self.pending = []
+        self.fresh = False
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    def _read_paths(self) -> set[str]:
+        raise NotImplementedError
+
+    def _snapshot(self, rows: list[dict]) -> None:
+        raise NotImplementedError
+
+
+class CsvSink(_SnapshotSink):
+    """CSV with a ``path,caption,error`` header."""
+
+    def _read_paths(self) -> set[str]:
+        with open(self.out, newline="", encoding="utf-8") as f:
+            return {row["path"] for row in csv.DictReader(f)}
+
+    def _snapshot(self, rows: list[dict]) -> None:
+        with open(self.tmp, "w", newline="", encoding="utf-8") as f:
+            if self.fresh:
+                csv.writer(f).writerow(COLUMNS)
+            else:
+                with open(self.out, newline="", encoding="utf-8") as old:
+                    while chunk := old.read(1 << 20):
+                        f.write(chunk)
+            buf = io.StringIO()
+            csv.DictWriter(buf, COLUMNS).writerows(rows)
+            f.write(buf.getvalue())
+
+
+class ParquetSink(_SnapshotSink):
+    """Parquet (columns path, caption, error); each snapshot adds one row group to the previous ones."""
+
+    def __init__(self, *args, **kwargs):
+        import pyarrow as pa
+
+        self.schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+        super().__init__(*args, **kwargs)
+
+    def _read_paths(self) -> set[str]:
+        import pyarrow.parquet as pq
+
+        return set(pq.read_table(self.out, columns=["path"]).column("path").to_pylist())
+
+    def _snapshot(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with pq.ParquetWriter(self.tmp, self.schema) as writer:
+            if not self.fresh:
+                old = pq.ParquetFile(self.out)
+                for i in range(old.num_row_groups):  # one row group in memory at a time
+                    writer.write_table(old.read_row_group(i))
+            if rows:
+                table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], self.schema)
+                writer.write_table(table)
+
+
+def sidecar(path: str) -> Path:
+    """``photo.jpg`` -> ``photo.txt`` in the same folder."""
+    return Path(path).with_suffix(".txt")
+
+
+class SidecarSink:
+    """One ``<image-stem>.txt`` per captioned image; failures go to ``errors`` (a JSONL sink)."""
+
+    def __init__(self, errors: JsonlSink, overwrite: bool = False):
+        self.errors = errors
+        self.overwrite = overwrite
+
+    def is_done(self, path: str) -> bool:
+        return self.errors.is_done(path) or (not self.overwrite and sidecar(path).exists())
+
+    def write(self, rows: list[dict]) -> None:
+        failed = [r for r in rows if "error" in r]
+        for r in rows:
+            if "caption" in r:
+                target = sidecar(r["path"])
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_text(r["caption"] + "\n", encoding="utf-8")
+                os.replace(tmp, target)
+        if failed:
+            self.errors.write(failed)
+
+    def close(self) -> None:
+        self.errors.close()
+
+
+def open_sink(fmt: str, out: str | os.PathLike | None, overwrite: bool = False) -> Sink:
+    """The sink for ``fmt``; an existing ``out`` is resumed unless ``overwrite``."""
+    path = Path(out) if out is not None else None
+    if fmt == "jsonl":
+        return JsonlSink(path, overwrite)
+    if fmt == "txt":
+        return SidecarSink(JsonlSink(path, overwrite), overwrite)
+    if path is None:
+        raise ValueError(f"--format {fmt} needs --out FILE")
+    if fmt == "csv":
+        return CsvSink(path, overwrite)
+    if fmt == "parquet":
+        return ParquetSink(path, overwrite)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

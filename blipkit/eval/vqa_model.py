@@ -1,0 +1,110 @@
+"""Answer a VQA dataset with a model (greedy, the model's VQA prompt) and score it.
+
+Questions are grouped by image so each image goes through the vision encoder once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from blipkit.eval.vqa import vqa_accuracy
+
+__all__ = ["answer_type", "answer_questions", "evaluate_vqa_model", "select"]
+
+
+def answer_type(answer: str) -> str:
+    """yes/no, number, shape, color or other (shape and color are easy-VQA's answer kinds)."""
+    from blipkit.data import easy_vqa
+
+    a = answer.strip().lower()
+    if a in ("yes", "no"):
+        return "yes/no"
+    if a.isdigit():
+        return "number"
+    return "shape" if a in easy_vqa.SHAPES else "color" if a in easy_vqa.COLORS else "other"
+
+
+def select(examples: list, limit: int = 0) -> list[int]:
+    """Indices of the questions to ask: all, or a fixed random subset of ``limit`` (seed 0)."""
+    if not limit or limit >= len(examples):
+        return list(range(len(examples)))
+    return sorted(np.random.default_rng(0).permutation(len(examples))[:limit].tolist())
+
+
+@torch.inference_mode()
+def answer_questions(
+    model, examples: list, batch_size: int = 32, max_new_tokens: int | None = None
+) -> list[str]:
+    """Greedy answers to ``examples`` (objects with ``image`` and ``question``), in their order."""
+    from blipkit.processing import build_prompt
+    from blipkit.retrieval.search import encode_images
+
+    model._require_llm()
+    cfg = model.config
+    tok = model.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    max_new = max_new_tokens or cfg.prompts.vqa_max_new_tokens
+    order = sorted(range(len(examples)), key=lambda i: str(examples[i].image))
+    answers: list[str] = [""] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        images = list(dict.fromkeys(str(examples[i].image) for i in chunk))
+        feats = encode_images(model, images)  # (b_img, P, Dv)
+        where = {p: n for n, p in enumerate(images)}
+        embeds = feats[[where[str(examples[i].image)] for i in chunk]]  # (B, P, Dv)
+        prompts = [build_prompt(cfg.prompts.vqa, examples[i].question) for i in chunk]
+        enc = tok(prompts, padding=True, return_tensors="pt").to(model.device)
+        qformer = {}
+        if cfg.bridge.text_input:
+            q = model.qformer_tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+            qformer = {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"]}
+        out = model.model.generate(
+            None,
+            enc["input_ids"],
+            enc["attention_mask"],
+            image_embeds=embeds,
+            **qformer,
+            max_new_tokens=max_new,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        for i, text in zip(chunk, tok.batch_decode(out, skip_special_tokens=True), strict=True):
+            answers[i] = text.strip()
+    return answers
+
+
+def evaluate_vqa_model(
+    model, examples: list, limit: int = 0, batch_size: int = 32
+) -> tuple[dict, list[dict]]:
+    """(report, prediction rows) for VQA examples (``image``, ``question``, ``answer``); question ids are
+    the examples' positions."""
+    chosen = select(examples, limit)
+    start = time.perf_counter()
+    answers = answer_questions(model, [examples[i] for i in chosen], batch_size)
+    seconds = time.perf_counter() - start
+    qids = [str(i) for i in chosen]
+    truth = {q: [examples[i].answer] for q, i in zip(qids, chosen, strict=True)}
+    types = {q: answer_type(examples[i].answer) for q, i in zip(qids, chosen, strict=True)}
+    predictions = dict(zip(qids, answers, strict=True))
+    report = vqa_accuracy(predictions, truth, types)
+    exact = [predictions[q].strip().lower() == truth[q][0].strip().lower() for q in qids]
+    report["exact_match"] = sum(exact) / len(exact)
+    report["answer_type_counts"] = dict(sorted(Counter(types.values()).items()))
+    report["seconds"] = round(seconds, 1)
+    rows = [
+        {
+            "question_id": q,
+            "answer": predictions[q],
+            "question": examples[i].question,
+            "image": examples[i].image,
+        }
+        for q, i in zip(qids, chosen, strict=True)
+    ]
+    return report, rows

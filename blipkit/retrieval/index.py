@@ -1,0 +1,171 @@
+"""An image index: per-query ITC embeddings (N, Q, E) in safetensors plus a paths file.
+
+Layout of an index folder::
+
+    embeddings.safetensors   "embeddings" (N, Q, E) float32, each query vector L2-normalised
+    paths.txt                one absolute image path per line, row i of the embeddings
+    index.json               the model it was built with, counts and dimensions
+    parts/                   batches written while building; merged into the files above at the end
+
+Building streams batches to ``parts/`` as it goes, so an interrupted build resumes where it stopped and a
+folder that gained images only embeds the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BuildResult", "ImageIndex", "build_index"]
+
+EMBEDDINGS, PATHS, META, PARTS = "embeddings.safetensors", "paths.txt", "index.json", "parts"
+
+
+@dataclass
+class ImageIndex:
+    """Image paths and their per-query ITC embeddings."""
+
+    paths: list[str]
+    embeddings: Tensor  # (N, Q, E)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.embeddings.ndim != 3 or self.embeddings.shape[0] != len(self.paths):
+            raise ValueError(
+                f"{len(self.paths)} paths but embeddings of shape {tuple(self.embeddings.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def pooled(self) -> Tensor:
+        """One vector per image (N, E): the normalised mean of its query embeddings."""
+        return F.normalize(self.embeddings.mean(dim=1), dim=-1)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, merge_parts: bool = True) -> ImageIndex:
+        """Read an index folder (with any batches of an unfinished build when ``merge_parts``)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta_file = folder / META
+        if not meta_file.exists() and not (folder / PARTS).is_dir():
+            raise FileNotFoundError(f"not an index folder (no {META}): {folder}")
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        paths: list[str] = []
+        chunks: list[Tensor] = []
+        if (folder / EMBEDDINGS).exists():
+            stored = load_file(folder / EMBEDDINGS)["embeddings"]
+            if len(stored):
+                chunks.append(stored)
+                paths = (folder / PATHS).read_text(encoding="utf-8").splitlines()
+        for part in sorted((folder / PARTS).glob("*.safetensors")) if merge_parts else []:
+            part_paths = (part.with_suffix(".txt")).read_text(encoding="utf-8").splitlines()
+            chunks.append(load_file(part)["embeddings"])
+            paths.extend(part_paths)
+        if not chunks:
+            dims = (meta.get("num_query_tokens", 1), meta.get("embed_dim", 1))
+            return cls([], torch.zeros(0, *dims), meta)
+        return cls(paths, torch.cat(chunks).float(), meta)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the three index files (each replaced atomically)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = self.meta | {
+            "num_images": len(self),
+            "num_query_tokens": int(self.embeddings.shape[1]),
+            "embed_dim": int(self.embeddings.shape[2]),
+        }
+        _atomic(folder / EMBEDDINGS, lambda p: save_file({"embeddings": self.embeddings.contiguous()}, p))
+        _atomic(folder / PATHS, lambda p: Path(p).write_text("".join(f"{x}\n" for x in self.paths), "utf-8"))
+        _atomic(folder / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        self.meta = meta
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, target)
+
+
+@dataclass
+class BuildResult:
+    index: ImageIndex
+    added: int
+    skipped: int
+    failed: list[tuple[str, str]]  # (path, reason)
+
+
+def build_index(
+    model,
+    files: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    model_name: str = "default",
+    batch_size: int = 32,
+    overwrite: bool = False,
+    on_batch=None,
+) -> BuildResult:
+    """Embed ``files`` into the index folder ``out``, skipping images it already holds.
+
+    Unreadable images are reported in ``failed`` and tried again next time. ``on_batch(done, total)`` is
+    called after every batch.
+    """
+    from safetensors.torch import save_file
+
+    from blipkit.processing import ImageError, load_image
+
+    out = Path(out)
+    if overwrite and out.exists():
+        for name in (EMBEDDINGS, PATHS, META):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+    existing = ImageIndex.load(out) if (out / META).exists() or (out / PARTS).is_dir() else None
+    if existing is not None and existing.meta.get("model") not in (None, model_name):
+        raise ValueError(
+            f"{out} was built with model {existing.meta['model']!r}, not {model_name!r}: "
+            "use --overwrite to rebuild it"
+        )
+    done = set(existing.paths) if existing else set()
+    wanted = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
+    todo = [f for f in wanted if f not in done]
+    parts = out / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_name, "model_config": model.config.name}
+    if not (out / META).exists():
+        _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta) + "\n"))
+    start = len(list(parts.glob("*.safetensors")))
+    failed: list[tuple[str, str]] = []
+    for n, i in enumerate(range(0, len(todo), batch_size)):
+        images, names = [], []
+        for path in todo[i : i + batch_size]:
+            try:
+                images.append(load_image(path))
+                names.append(path)
+            except ImageError as e:
+                failed.append((path, e.reason))
+        if images:
+            emb = model.image_query_embeddings(images).cpu()  # (b, Q, E)
+            stem = parts / f"{start + n:06d}"
+            # paths first: a part counts only once its .safetensors exists
+            stem.with_suffix(".txt").write_text("".join(f"{x}\n" for x in names), encoding="utf-8")
+            _atomic(stem.with_suffix(".safetensors"), lambda p, e=emb: save_file({"embeddings": e}, p))
+        if on_batch:
+            on_batch(min(i + batch_size, len(todo)), len(todo))
+    index = ImageIndex.load(out)
+    index.meta |= meta
+    index.save(out)
+    shutil.rmtree(parts, ignore_errors=True)
+    added = len(todo) - len(failed)
+    return BuildResult(index, added, len(wanted) - len(todo), failed)

@@ -1,0 +1,306 @@
+"""The FastAPI application: OpenAI-compatible chat / embeddings / models endpoints and the web chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from blipkit.api import Model
+from blipkit.errors import CapabilityError
+from blipkit.processing import ImageError
+from blipkit.serve.engine import Engine, Job, Result
+from blipkit.serve.errors import APIError, error_body
+from blipkit.serve.images import check_image_url, decode_data_uri, fetch_remote, image_hash
+from blipkit.serve.messages import ChatRequest, parse_chat
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class Server:
+    """What the routes share: the model, its engine and the server options."""
+
+    def __init__(
+        self,
+        model: Model,
+        name: str,
+        api_key: str | None,
+        allow_remote_images: bool,
+        max_image_bytes: int,
+        engine: Engine | None,
+    ):
+        self.model = model
+        self.names = {name, model.config.name}
+        self.name = name
+        self.api_key = api_key
+        self.allow_remote_images = allow_remote_images
+        self.max_image_bytes = max_image_bytes
+        self.engine = engine
+        self.lock = engine.lock if engine is not None else threading.Lock()
+        self.created = int(time.time())
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested not in self.names:
+            raise APIError(
+                f"model {requested!r} is not served here; available: {self.name!r}",
+                404,
+                "model_not_found",
+                "model",
+            )
+
+    def image(self, req: ChatRequest) -> tuple[str, Any, Any]:
+        """(hash, cached features, pixels) of the request's image; blocking, run in a thread."""
+        kind = check_image_url(req.image_url, self.allow_remote_images, req.image_param)
+        if kind == "data":
+            data = decode_data_uri(req.image_url, self.max_image_bytes, req.image_param)
+        else:
+            data = fetch_remote(req.image_url, self.max_image_bytes, req.image_param)
+        key = image_hash(data)
+        features = self.engine.cached(key)
+        if features is not None:
+            return key, features, None
+        try:
+            return key, None, self.engine.pixels(data)
+        except ImageError as e:
+            raise APIError(f"cannot decode image: {e.reason}", 400, "invalid_image", req.image_param) from e
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(
+            f"request body is {length} bytes, over the limit of {limit} bytes", 413, "body_too_large"
+        )
+    raw = await request.body()
+    if len(raw) > limit:
+        raise APIError(f"request body is over the limit of {limit} bytes", 413, "body_too_large")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"request body is not valid JSON: {e}", 400, "invalid_json") from e
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+
+
+def create_app(
+    model: Model,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    allow_remote_images: bool = False,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_batch_size: int = 8,
+    batch_window_ms: float = 10.0,
+    cache_size: int = 64,
+    engine: Engine | None = None,
+) -> FastAPI:
+    """The blipkit server for ``model``. With ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
+
+    ``engine`` lets callers share a batching engine (and its image cache) between apps or scripts.
+    """
+    if engine is None and model.model.has_llm:
+        engine = Engine(model, max_batch_size, batch_window_ms, cache_size)
+    srv = Server(
+        model, model_name or model.config.name, api_key, allow_remote_images, max_image_bytes, engine
+    )
+    body_limit = max_image_bytes * 4 // 3 + 1024 * 1024  # one base64 image plus the rest of the request
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if engine is not None:
+            engine.stop()
+
+    app = FastAPI(title="blipkit", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.errors()), code="invalid_request"), status_code=400)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), api_key.encode()
+            ):
+                body = error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                )
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        stats = engine.stats() if engine is not None else {}
+        return {"status": "ok", "model": srv.name, "auth": bool(api_key), **stats}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = {"id": srv.name, "object": "model", "created": srv.created, "owned_by": "blipkit"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        body = await _json_body(request, body_limit)
+        if not isinstance(body, dict):
+            raise APIError("request body must be a JSON object", 400, "invalid_body")
+        srv.check_model(body.get("model"))
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(
+                "'input' must be a string or a non-empty list of strings", 400, "invalid_input", "input"
+            )
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise APIError(
+                f"at most {MAX_EMBEDDING_INPUTS} inputs per request", 400, "too_many_inputs", "input"
+            )
+        if body.get("encoding_format", "float") != "float":
+            raise APIError(
+                "only encoding_format 'float' is supported", 400, "invalid_value", "encoding_format"
+            )
+
+        def embed() -> list[list[float]]:
+            with srv.lock:
+                return model.embed_texts(texts).tolist()
+
+        try:
+            vectors = await asyncio.to_thread(embed)
+        except CapabilityError as e:
+            raise APIError(str(e), 400, "unsupported_by_model", "model") from e
+        tokens = sum(len(t.split()) for t in texts)
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "model": srv.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        req = parse_chat(await _json_body(request, body_limit))
+        srv.check_model(req.model)
+        if engine is None:
+            raise APIError(
+                "this model has no language model: it cannot chat", 400, "unsupported_by_model", "model"
+            )
+        key, features, pixels = await asyncio.to_thread(srv.image, req)
+        prompt, ids = engine.prompt(req.history, req.message, req.max_tokens)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def emit(event: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(
+            key,
+            ids,
+            prompt,
+            emit,
+            features=features,
+            pixels=pixels,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stream=req.stream,
+        )
+        engine.submit(job)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": srv.name}
+        if req.stream:
+            return StreamingResponse(
+                _stream(job, events, meta),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "done":
+                    return _completion(meta, value)
+                if kind == "error":
+                    raise APIError(
+                        f"generation failed: {value}", 500, "generation_failed", type="server_error"
+                    )
+        finally:
+            job.cancelled = True
+
+    return app
+
+
+def _completion(meta: dict[str, Any], result: Result) -> dict[str, Any]:
+    return {
+        **meta,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }
+
+
+async def _stream(job: Job, events: asyncio.Queue, meta: dict[str, Any]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return _sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind == "delta":
+                yield chunk({"content": value})
+            elif kind == "done":
+                yield chunk({}, value.finish_reason)
+                break
+            else:
+                yield _sse(
+                    error_body(f"generation failed: {value}", "server_error", code="generation_failed")
+                )
+                break
+        yield _sse("[DONE]")
+    finally:
+        job.cancelled = True

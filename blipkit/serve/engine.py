@@ -1,0 +1,318 @@
+"""Dynamic batching of chat requests over one model, with per-image feature caching and token streaming.
+
+Requests wait in a queue; a worker thread takes up to ``max_batch_size`` of them (waiting at most
+``batch_window_ms`` for more after the first), groups those that decode alike (greedy, or sampling with
+the same temperature / top-p) and runs each group as one ``generate`` call. The image side comes from the
+cache when the image was seen before: the visual prompt (Q-Former + bridge output), or, for models whose
+Q-Former also reads the prompt, the vision encoder's features. New tokens reach each request as they are
+produced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from blipkit.api import Model
+from blipkit.processing import load_image
+from blipkit.serve.cache import FeatureCache
+from blipkit.serve.errors import APIError
+from blipkit.serve.messages import fit_prompt
+
+log = logging.getLogger("blipkit.serve")
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+    cached_image: bool
+
+
+@dataclass
+class Job:
+    """One chat completion: its inputs, decoding options, and where its events go.
+
+    ``emit`` receives ``("delta", str)`` while streaming, then ``("done", Result)`` or
+    ``("error", Exception)``.
+    """
+
+    key: str  # image hash
+    ids: list[int]  # LLM prompt tokens
+    prompt: str
+    emit: Callable[[tuple[str, Any]], None]
+    features: Tensor | None = None  # cached image features, (1, ...)
+    pixels: Tensor | None = None  # (1, 3, S, S) when the image was not cached
+    max_tokens: int = 30
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    finished: bool = False
+
+    @property
+    def sampling(self) -> tuple:
+        """Jobs with equal keys can share one ``generate`` call."""
+        if not self.temperature:  # omitted or 0: greedy
+            return (False,)
+        return (True, float(self.temperature), float(self.top_p if self.top_p is not None else 1.0))
+
+
+class _Rows(StoppingCriteria):
+    """Hands each new token to its job, and stops the rows whose job is finished or cancelled."""
+
+    def __init__(self, engine: Engine, jobs: list[Job]):
+        self.engine = engine
+        self.jobs = jobs
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        last = input_ids[:, -1].tolist()
+        done = []
+        for job, token in zip(self.jobs, last, strict=True):
+            if not job.finished:
+                self.engine._on_token(job, token)
+            done.append(job.finished or job.cancelled)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    """Runs chat jobs on ``model`` in batches, from a worker thread."""
+
+    def __init__(
+        self, model: Model, max_batch_size: int = 8, batch_window_ms: float = 10.0, cache_size: int = 64
+    ):
+        model._require_llm()
+        self.model = model
+        self.max_batch_size = max(1, max_batch_size)
+        self.batch_window = max(0.0, batch_window_ms) / 1000
+        self.cache = FeatureCache(cache_size)
+        self.lock = threading.Lock()  # one model call at a time (generation, embeddings)
+        self.batches = 0
+        self.largest_batch = 0
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        tok = model.tokenizer
+        self._eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        self._pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        # with question-aware queries the visual prompt depends on the text: cache the ViT features instead
+        self.question_aware = bool(model.config.bridge.text_input)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="blipkit-serve-engine", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+        self._thread = None
+
+    # --- request side -----------------------------------------------------------------------------
+    def context_window(self) -> int:
+        llm_cfg = self.model.model.llm.config
+        limit = self.model.config.llm.max_context or getattr(llm_cfg, "max_position_embeddings", None)
+        return int(limit or getattr(llm_cfg, "n_positions", None) or 512)
+
+    def prompt(
+        self, history: list[tuple[str, str]], message: str | None, max_tokens: int
+    ) -> tuple[str, list[int]]:
+        """Prompt text and LLM token ids for a turn; old turns are dropped when the context window is full."""
+        prompts = self.model.config.prompts
+        budget = self.context_window() - self.model.config.qformer.num_query_tokens - max_tokens
+        if budget < 1:
+            raise APIError(
+                f"max_tokens={max_tokens} leaves no room for the prompt in the model's context window "
+                f"({self.context_window()} tokens)",
+                400,
+                "context_length_exceeded",
+                "max_tokens",
+            )
+        tok = self.model.tokenizer
+        if message is None:  # an image without a question: caption it
+            text = prompts.caption or ""
+        else:
+            text, _ = fit_prompt(
+                history,
+                message,
+                lambda t: len(tok(t)["input_ids"]),
+                budget,
+                prompts.vqa,
+                prompts.chat_separator,
+            )
+        return text, tok(text)["input_ids"][-budget:]
+
+    def cached(self, key: str) -> Tensor | None:
+        return self.cache.get(key)
+
+    def pixels(self, data: bytes) -> Tensor:
+        """Decode and preprocess one image (raises ImageError): (1, 3, S, S)."""
+        return self.model.processor.preprocess(load_image(data))[None]
+
+    def submit(self, job: Job) -> None:
+        if job.features is None and job.pixels is None:
+            raise ValueError("a job needs cached features or pixels")
+        self.start()
+        self._queue.put(job)
+
+    def run(self, data: bytes, key: str, prompt_ids: list[int], prompt: str = "", **options: Any) -> Result:
+        """Blocking helper: one job from any thread, waiting for its result (benchmarks, scripts)."""
+        done: Future[Result] = Future()
+
+        def emit(event: tuple[str, Any]) -> None:
+            if event[0] == "done":
+                done.set_result(event[1])
+            elif event[0] == "error":
+                done.set_exception(event[1])
+
+        features = self.cached(key)
+        pixels = None if features is not None else self.pixels(data)
+        self.submit(Job(key, prompt_ids, prompt, emit, features=features, pixels=pixels, **options))
+        return done.result()
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "cache": self.cache.stats()}
+
+    # --- worker side ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            deadline = time.monotonic() + self.batch_window
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            batch = [j for j in batch if not j.cancelled]
+            batch.sort(key=lambda j: j.sampling)
+            for _, group in itertools.groupby(batch, key=lambda j: j.sampling):
+                self._run(list(group))
+
+    @torch.inference_mode()
+    def _features(self, jobs: list[Job]) -> list[Tensor]:
+        """Image features per job: from the job, the cache, or one vision pass over the new images."""
+        blip = self.model.model
+        todo: dict[str, Tensor] = {}
+        for job in jobs:
+            if job.features is None and job.key not in todo:
+                found = self.cache.get(job.key, count=False)
+                if found is not None:
+                    job.features = found
+                else:
+                    todo[job.key] = job.pixels
+        if todo:
+            embeds = blip.encode_image(torch.cat(list(todo.values())).to(self.model.device))
+            feats = embeds if self.question_aware else blip.visual_prompt(embeds)
+            for i, key in enumerate(todo):
+                self.cache.put(key, feats[i : i + 1].clone())
+                todo[key] = feats[i : i + 1]
+        return [job.features if job.features is not None else todo[job.key] for job in jobs]
+
+    def _batch_ids(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    def _run(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(jobs))
+        first = jobs[0]
+        options: dict[str, Any] = {
+            "max_new_tokens": max(j.max_tokens for j in jobs),
+            "num_beams": 1,
+            "do_sample": first.sampling[0],
+            "eos_token_id": sorted(self._eos) or None,
+            "pad_token_id": self._pad,
+            "stopping_criteria": StoppingCriteriaList([_Rows(self, jobs)]),
+        }
+        if first.sampling[0]:
+            options.update(temperature=first.sampling[1], top_p=first.sampling[2], top_k=0)
+        try:
+            with self.lock:
+                feats = torch.cat(self._features(jobs))
+                ids, mask = self._batch_ids([j.ids for j in jobs])
+                if self.question_aware:
+                    q_ids, q_mask = self._qformer_ids([j.prompt for j in jobs])
+                    visual = {
+                        "image_embeds": feats,
+                        "qformer_input_ids": q_ids,
+                        "qformer_attention_mask": q_mask,
+                    }
+                else:
+                    visual = {"prefix": feats}
+                self.model.model.generate(None, ids, mask, **visual, **options)
+            for job in jobs:
+                if not job.finished:
+                    self._finish(job, "length")
+        except Exception as e:  # a failed batch fails its jobs, not the server
+            log.exception("generation failed for a batch of %d", len(jobs))
+            for job in jobs:
+                if not job.finished:
+                    job.finished = True
+                    self._emit(job, ("error", e))
+
+    def _qformer_ids(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.model.qformer_tokenizer(texts, padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.model.device), enc["attention_mask"].to(self.model.device)
+
+    def _on_token(self, job: Job, token: int) -> None:
+        if job.cancelled:
+            job.finished = True
+            return
+        if token in self._eos:
+            self._finish(job, "stop")
+            return
+        job.tokens.append(token)
+        if job.stream:
+            text = self.model.tokenizer.decode(job.tokens, skip_special_tokens=True).lstrip()
+            if text.startswith(job.sent) and len(text) > len(job.sent) and not text.endswith("\ufffd"):
+                self._emit(job, ("delta", text[len(job.sent) :]))
+                job.sent = text
+        if len(job.tokens) >= job.max_tokens:
+            self._finish(job, "length")
+
+    def _finish(self, job: Job, reason: str) -> None:
+        job.finished = True
+        text = self.model.tokenizer.decode(job.tokens, skip_special_tokens=True).strip()
+        if job.stream and text.startswith(job.sent) and len(text) > len(job.sent):
+            self._emit(job, ("delta", text[len(job.sent) :]))
+        prompt_tokens = len(job.ids) + self.model.config.qformer.num_query_tokens
+        self._emit(job, ("done", Result(text, reason, prompt_tokens, len(job.tokens), job.pixels is None)))
+
+    @staticmethod
+    def _emit(job: Job, event: tuple[str, Any]) -> None:
+        try:
+            job.emit(event)
+        except Exception:  # the client's event loop is gone
+            job.cancelled = True

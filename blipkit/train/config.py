@@ -1,0 +1,116 @@
+"""Training settings: defaults in one commented dataclass, overridden by a JSON file, then ``--key=value``.
+
+An unknown key is an error that names it; a value is converted to the type of its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("stage1", "stage2")
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train --------------------------------------------------------------------------------------
+    stage: str = "stage2"  # "stage1" (ITC/ITM/ITG, no LLM) or "stage2" (LM loss through the frozen LLM)
+    model: str = "default"  # architecture: a name in blipkit/configs or a model-config JSON file
+    init_from: str | None = None  # blipkit checkpoint dir whose Q-Former (and bridge) start the run
+    qformer_init: str | None = "asset:all-minilm-l6-v2"  # BERT dir for the Q-Former (unused with init_from)
+    # --- data -----------------------------------------------------------------------------------------------
+    data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl
+    image_root: str | None = None  # where relative image paths start (default: the data file's folder)
+    caption_examples: bool = False  # stage 2 on VQA data: also learn "prompts.caption -> caption" per image
+    views: int = 1  # cached feature views per image: 1 plain + (views - 1) augmented (size, position, flip)
+    augment_prob: float = 0.5  # chance that an example uses one of its augmented views
+    feature_cache: str | None = None  # default: <blipkit cache dir>/features
+    max_text_tokens: int = 64  # Q-Former and LLM texts are cut to this many tokens
+    # --- optimisation ---------------------------------------------------------------------------------------
+    batch_size: int = 32  # global batch, split evenly over processes
+    max_steps: int = 1000
+    lr: float = 1e-4  # BLIP-2
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warm-up from 0
+    weight_decay: float = 0.05  # BLIP-2
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    precision: str = "fp32"  # or "bf16" autocast: only where bf16 matmuls are native (avx512_bf16, AMX, GPU)
+    seed: int = 0
+    threads: int = 0  # torch threads per process (0: torch's default)
+    # --- losses ---------------------------------------------------------------------------------------------
+    label_smoothing: float = 0.1  # ITC (BLIP-2)
+    warm_start_steps: int = 0  # stage 2: first steps train the caption-embedding warm start (no LLM)
+    warm_start_text: str = (
+        "caption"  # what the prompt tokens spell: "caption", "target" or "both" (half each)
+    )
+    warm_start_mse_weight: float = 1.0
+    stage1_weight: float = 0.0  # stage 2: add the stage-1 losses on captions, to keep the retrieval heads
+    # --- bookkeeping ----------------------------------------------------------------------------------------
+    checkpoint_every: int = 200  # steps between resumable checkpoints (and a blipkit checkpoint)
+    export_fp16: bool = True  # also write the final blipkit checkpoint's weights as fp16 (``final-fp16``)
+    progress: bool = True  # a tqdm bar with loss and ETA on the main process
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.warm_start_text not in ("caption", "target", "both"):
+            raise ValueError(f"warm_start_text must be caption, target or both, got {self.warm_start_text!r}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(name: str, value: Any, default: Any, optional: bool) -> Any:
+    """A ``--key=value`` string in the type of the field's default ("none" for an optional field is None)."""
+    if not isinstance(value, str):
+        return value
+    if optional and value.lower() in ("none", "null"):
+        return None
+    if isinstance(default, str) or default is None:
+        return value
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--{name} expects true/false, got {value!r}")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(value)
+        except ValueError as e:
+            raise ValueError(f"--{name} expects a {type(default).__name__}, got {value!r}") from e
+    if isinstance(default, tuple):
+        return tuple(json.loads(value))
+    return value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any
+) -> TrainConfig:
+    """Defaults <- JSON file <- ``--key=value`` overrides <- ``fixed`` (e.g. the stage named on the CLI)."""
+    defaults = TrainConfig()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(json.loads(Path(path).read_text()))
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training key(s) {unknown} in {path}; known: {sorted(known)}")
+    for item in overrides or []:
+        key, sep, value = item.removeprefix("--").partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form --key=value")
+        if key not in known:
+            raise ValueError(f"unknown training key {key!r} (from {item!r}); known: {sorted(known)}")
+        optional = "None" in str(TrainConfig.__dataclass_fields__[key].type)
+        values[key] = _convert(key, value, getattr(defaults, key), optional)
+    values.update(fixed)
+    return TrainConfig(**values)

@@ -1,0 +1,394 @@
+"""The training loop shared by both stages: cached features in, AdamW with warm-up + cosine, checkpoints,
+exact ``--resume``, losses to CSV and a PNG plot, a tqdm bar on the main process.
+
+Single process: ``blipkit train stage2 --config configs/default_stage2.json --out runs/stage2``.
+Several: ``torchrun --nproc_per_node 2 -m blipkit.train stage2 --config ... --out ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer
+
+from blipkit import loading
+from blipkit.config import Blip2Config, get_config
+from blipkit.data.sources import TrainingSet, stage1_set, stage2_set
+from blipkit.models.blip2 import Blip2
+from blipkit.processing import ImageProcessor
+from blipkit.train import batches
+from blipkit.train.config import TrainConfig
+from blipkit.train.distributed import DistEnv, init_distributed, sum_gradients
+from blipkit.train.features import cached_features
+from blipkit.train.init import init_qformer_from_bert
+from blipkit.train.schedule import DataOrder, lr_factor
+from blipkit.train.stage1 import TextBatch, stage1_losses
+from blipkit.train.stage2 import decoder_lm_loss, prefix_lm_loss, slot_targets, warm_start_loss
+
+RESUME_FILE = "resume.pt"
+LOSSES_FILE = "losses.csv"
+PLOT_FILE = "losses.png"
+
+
+class ResumeError(RuntimeError):
+    """The output folder and ``--resume`` disagree (a finished or foreign run, or nothing to resume)."""
+
+
+def model_config(cfg: TrainConfig) -> Blip2Config:
+    """The architecture: a shipped config name or a model-config JSON file."""
+    if cfg.model.endswith(".json"):
+        return Blip2Config.from_json(cfg.model)
+    return get_config(cfg.model)
+
+
+def build_training_model(cfg: TrainConfig, model_cfg: Blip2Config) -> Blip2:
+    """Frozen LLM (fp32; bf16 runs use autocast) + fresh or initialised Q-Former and bridge."""
+    llm = loading.build_llm(model_cfg.llm, None, None, torch.float32)
+    model = Blip2(model_cfg, nn.Identity(), llm)  # images come from the feature cache
+    if cfg.init_from:
+        trained = loading.read_state_dict(Path(cfg.init_from) / loading.BRIDGE_FILE)
+        qformer = {k[len("qformer.") :]: v.float() for k, v in trained.items() if k.startswith("qformer.")}
+        loading.load_strict(model.qformer, qformer, f"Q-Former weights of {cfg.init_from}")
+        bridge = {k[len("bridge.") :]: v.float() for k, v in trained.items() if k.startswith("bridge.")}
+        if bridge and model.has_llm:
+            loading.load_strict(model.bridge, bridge, f"bridge weights of {cfg.init_from}")
+    elif cfg.qformer_init:
+        init_qformer_from_bert(model.qformer, loading.resolve(cfg.qformer_init))
+    return model
+
+
+def trainable_parts(model: Blip2) -> nn.ModuleDict:
+    parts = {"qformer": model.qformer}
+    if model.has_llm:
+        parts["bridge"] = model.bridge
+    return nn.ModuleDict(parts)
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases / norms / the temperature do not (LAVIS)."""
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class Trainer:
+    def __init__(
+        self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False, env: DistEnv | None = None
+    ):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.env = env or init_distributed()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.batch_size % self.env.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is not divisible by {self.env.world_size} processes"
+            )
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.model_cfg = model_config(cfg)
+        self.model = build_training_model(cfg, self.model_cfg).to(self.device)
+        self.trainable = trainable_parts(self.model)
+        self.data = self._training_set()
+        self.features = self._features()
+        self.order = DataOrder(len(self.data), cfg.batch_size, cfg.seed, cfg.views, cfg.augment_prob)
+        self.qformer_tok = AutoTokenizer.from_pretrained(loading.resolve(self.model_cfg.qformer_tokenizer))
+        self.llm_tok = None
+        if self.model.has_llm:
+            llm_ref = self.model_cfg.llm.tokenizer or self.model_cfg.llm.pretrained
+            self.llm_tok = AutoTokenizer.from_pretrained(loading.resolve(llm_ref))
+        self.vocabulary = (
+            self._caption_vocabulary() if cfg.stage == "stage2" and cfg.warm_start_steps else None
+        )
+        self.optimizer = make_optimizer(self.trainable, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        )
+        self.step = 0
+        self.columns = ["step", "loss", *self._loss_names(), "lr", "epoch", "samples_per_s"]
+        self._prepare_output(resume)
+
+    # --- setup ----------------------------------------------------------------------------------------------
+    def _loss_names(self) -> list[str]:
+        stage1 = ["itc", "itm", "itg"]
+        if self.cfg.stage == "stage1":
+            return stage1
+        warm = ["warm_start"] if self.cfg.warm_start_steps else []
+        return warm + ["lm"] + (stage1 if self.cfg.stage1_weight else [])
+
+    def _training_set(self) -> TrainingSet:
+        cfg = self.cfg
+        if cfg.stage == "stage1":
+            return stage1_set(cfg.data, cfg.image_root)
+        prompts = self.model_cfg.prompts
+        return stage2_set(cfg.data, prompts.vqa, prompts.caption or "", cfg.image_root, cfg.caption_examples)
+
+    def _features(self) -> np.ndarray:
+        from blipkit import assets
+
+        root = Path(self.cfg.feature_cache) if self.cfg.feature_cache else assets.cache_dir() / "features"
+        vision_cfg = self.model_cfg.vision
+
+        def make_encoder() -> nn.Module:
+            return loading.build_vision(vision_cfg, None, None).eval()
+
+        processor = ImageProcessor.from_dict(self.model_cfg.processor)
+        name = vision_cfg.pretrained or vision_cfg.kind
+        return cached_features(
+            make_encoder,
+            self.data.images,
+            processor,
+            root,
+            name,
+            self.cfg.views,
+            self.cfg.seed,
+            self.env.is_main,
+            self.env.barrier,
+        )
+
+    def _warm_start_texts(self, examples) -> tuple[list[str], list[str]]:
+        """(captions, targets) of the examples; missing captions are an error when they are needed."""
+        captions = [self.data.captions[e] for e in examples]
+        if self.cfg.warm_start_text != "target" and not all(captions):
+            raise ValueError("the warm start spells captions, and some images have none (warm_start_text)")
+        return [c or "" for c in captions], [self.data.targets[e] or "" for e in examples]
+
+    def _caption_vocabulary(self) -> Tensor:
+        """The LLM token ids the warm start may ask for (the cross-entropy's candidates)."""
+        captions, targets = self._warm_start_texts(range(len(self.data)))
+        texts = sorted(set(captions) | set(targets)) if self.cfg.warm_start_text == "both" else None
+        texts = texts or sorted(set(captions if self.cfg.warm_start_text == "caption" else targets))
+        ids, mask = batches.caption_tokens(self.llm_tok, texts)
+        return torch.unique(ids[mask.bool()]).to(self.device)
+
+    def _warm_start_targets(self, examples, num_queries: int) -> Tensor:
+        """(b, Q) LLM token per prompt position: caption tokens, target tokens, or the first half of each."""
+        captions, targets = self._warm_start_texts(examples)
+        mode = self.cfg.warm_start_text
+        if mode != "both":
+            ids, mask = batches.caption_tokens(self.llm_tok, captions if mode == "caption" else targets)
+            return slot_targets(ids, mask, num_queries).to(self.device)
+        half = num_queries // 2
+        first = slot_targets(*batches.caption_tokens(self.llm_tok, captions), half)
+        second = slot_targets(*batches.caption_tokens(self.llm_tok, targets), num_queries - half)
+        return torch.cat([first, second], dim=1).to(self.device)
+
+    def _prepare_output(self, resume: bool) -> None:
+        state_file = self.out / RESUME_FILE
+        if resume and state_file.exists():
+            self._load_state(torch.load(state_file, map_location="cpu", weights_only=False))
+        elif state_file.exists():
+            raise ResumeError(
+                f"{self.out} already holds a run; pass --resume to continue it or pick a new --out"
+            )
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            self._truncate_log()
+        self.env.barrier()
+
+    def _load_state(self, state: dict) -> None:
+        self.trainable.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+
+    def _truncate_log(self) -> None:
+        """Keep the logged steps up to the resumed step (a killed run may have logged past its checkpoint)."""
+        log = self.out / LOSSES_FILE
+        if not log.exists():
+            return
+        rows = list(csv.DictReader(log.open()))
+        kept = [r for r in rows if int(r["step"]) <= self.step]
+        if len(kept) != len(rows) or self.step == 0:
+            self._write_rows(kept if self.step else [], mode="w")
+
+    # --- one step -------------------------------------------------------------------------------------------
+    def _image_embeds(self, examples: np.ndarray, views: np.ndarray) -> Tensor:
+        rows = [self.features[self.data.image_index[e], v] for e, v in zip(examples, views, strict=True)]
+        return torch.from_numpy(np.stack(rows)).float().to(self.device)  # (G, P, Dv)
+
+    def _caption_batch(self, examples: np.ndarray) -> TextBatch:
+        captions = [self.data.captions[e] or "" for e in examples]
+        ids, mask = batches.qformer_text(self.qformer_tok, captions, self.cfg.max_text_tokens)
+        names = {c: i for i, c in enumerate(sorted(set(captions)))}
+        group = torch.tensor([names[c] for c in captions])
+        return TextBatch(ids.to(self.device), mask.to(self.device), group.to(self.device), self._rows())
+
+    def _rows(self) -> slice:
+        b = self.cfg.batch_size // self.env.world_size
+        return slice(self.env.rank * b, (self.env.rank + 1) * b)
+
+    def _stage1(self, examples: np.ndarray, image_embeds: Tensor, step: int) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        losses = stage1_losses(
+            self.model.qformer,
+            image_embeds,
+            self._caption_batch(examples),
+            self.env,
+            generator,
+            self.cfg.label_smoothing,
+        )
+        return {name: s / n for name, (s, n) in vars(losses).items()}
+
+    def _prefix(self, examples: np.ndarray, image_embeds: Tensor) -> Tensor:
+        rows = self._rows()
+        prompts = [self.data.prompts[e] for e in examples[rows]]
+        ids, mask = batches.qformer_text(self.qformer_tok, prompts, self.cfg.max_text_tokens)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.model.visual_prompt(image_embeds[rows], ids, mask)  # (b, Q, Dl)
+
+    def _stage2(self, examples: np.ndarray, image_embeds: Tensor, step: int) -> dict[str, Tensor]:
+        cfg, rows = self.cfg, self._rows()
+        prefix = self._prefix(examples, image_embeds)
+        if step < cfg.warm_start_steps:
+            targets = self._warm_start_targets(examples[rows], prefix.shape[1])  # (b, Q)
+            table = self.model.llm.get_input_embeddings().weight
+            total = warm_start_loss(prefix, targets, table, self.vocabulary, cfg.warm_start_mse_weight)
+            losses = {"warm_start": total / (cfg.batch_size * prefix.shape[1])}
+        else:
+            prompts = [self.data.prompts[e] for e in examples]
+            targets = [self.data.targets[e] for e in examples]
+            encdec = self.model.is_encoder_decoder
+            ids, mask, labels = batches.llm_text(self.llm_tok, prompts, targets, cfg.max_text_tokens, encdec)
+            count = int((labels != -100).sum())  # scored tokens of the global batch
+            local = batches.trim(mask[rows], ids[rows], labels[rows])
+            mask, ids, labels = (t.to(self.device) for t in local)
+            loss_fn = prefix_lm_loss if encdec else decoder_lm_loss
+            losses = {"lm": loss_fn(self.model.llm, prefix, ids, mask, labels) / count}
+        if cfg.stage1_weight:
+            extra = self._stage1(examples, image_embeds, step)
+            losses.update({k: v * cfg.stage1_weight for k, v in extra.items()})
+        return losses
+
+    def train_step(self, step: int) -> dict[str, float]:
+        examples = self.order.examples(step)
+        image_embeds = self._image_embeds(examples, self.order.feature_views(step))
+        self.trainable.train()
+        bf16 = self.cfg.precision == "bf16"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
+        with autocast or contextlib.nullcontext():
+            if self.cfg.stage == "stage1":
+                losses = self._stage1(examples, image_embeds, step)
+            else:
+                losses = self._stage2(examples, image_embeds, step)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        sum_gradients(self.trainable, self.env)
+        if self.cfg.grad_clip:
+            params = [p for p in self.trainable.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        values = torch.stack([v.detach().float() for v in (total, *losses.values())])
+        if self.env.enabled:
+            torch.distributed.all_reduce(values)
+        row = {"loss": float(values[0])} | {k: float(v) for k, v in zip(losses, values[1:], strict=True)}
+        return row | {"lr": lr}
+
+    # --- the run --------------------------------------------------------------------------------------------
+    def run(self, on_step: Callable[[int, dict], None] | None = None) -> Path:
+        """Train from ``self.step`` to ``max_steps``; returns the final blipkit checkpoint dir."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.env.is_main))
+        start, first = time.perf_counter(), self.step
+        while self.step < cfg.max_steps:
+            row = self.train_step(self.step)
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            rate = (self.step - first) * cfg.batch_size / elapsed
+            row = {"step": self.step, **row, "epoch": self.order.epoch(self.step), "samples_per_s": rate}
+            if self.env.is_main:
+                self._write_rows([row])
+                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.1f}")
+                bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            if on_step is not None:
+                on_step(self.step, row)
+        bar.close()
+        return self.export()
+
+    # --- saving ---------------------------------------------------------------------------------------------
+    def _write_rows(self, rows: list[dict], mode: str = "a") -> None:
+        log = self.out / LOSSES_FILE
+        new = mode == "w" or not log.exists()
+        with log.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore", restval="")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def save(self) -> None:
+        """Resumable state (weights, optimiser, scheduler, RNG, step) and a loadable blipkit checkpoint."""
+        if not self.env.is_main:
+            return
+        state = {
+            "step": self.step,
+            "trainable": self.trainable.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+        tmp = self.out / (RESUME_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / RESUME_FILE)
+        loading.save_checkpoint(self.model, self.out / "checkpoint")
+        plot_losses(self.out / LOSSES_FILE, self.out / PLOT_FILE)
+
+    def export(self) -> Path:
+        """The final blipkit checkpoint (fp32) and, with ``export_fp16``, a half-size copy to ship."""
+        final = self.out / "final"
+        if self.env.is_main:
+            loading.save_checkpoint(self.model, final)
+            if self.cfg.export_fp16:
+                from blipkit.train.export import export_fp16
+
+                export_fp16(final, self.out / "final-fp16")
+        self.env.barrier()
+        return final
+
+
+def plot_losses(csv_file: Path, png_file: Path) -> bool:
+    """Plot every loss column of the CSV against the step; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = list(csv.DictReader(csv_file.open())) if csv_file.exists() else []
+    if not rows:
+        return False
+    skip = {"step", "lr", "epoch", "samples_per_s"}
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in rows[0]:
+        if key in skip:
+            continue
+        values = [float(r[key]) if r.get(key) else np.nan for r in rows]
+        ax.plot(steps, values, label=key, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_file, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,47 @@
+"""The lean greedy loop gives transformers' greedy tokens, also when some rows stop early."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hf_tiny import make_blip2
+
+import blipkit
+from blipkit.batch.generate import Captioner
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"hf-{request.param}-gen")
+    make_blip2(path, llm=request.param, num_query_tokens=4)
+    return blipkit.load(path)
+
+
+@pytest.fixture(scope="module")
+def pixels(model):
+    rng = np.random.default_rng(0)
+    return model.pixel_values([rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) for _ in range(6)])
+
+
+@pytest.mark.parametrize("prompt", [None, "a photo of"])
+def test_same_captions_as_the_api(model, pixels, prompt):
+    captioner = Captioner(model, prompt, max_new_tokens=6)
+    assert captioner.fast
+    assert captioner(pixels) == model.caption(pixels, prompt=prompt, max_new_tokens=6)
+
+
+def test_rows_that_finish_early_are_dropped_without_changing_the_others(model, pixels):
+    captioner = Captioner(model, "a photo of", max_new_tokens=6)
+    full = captioner.greedy(pixels)
+    # a token that some rows produce and others do not: make it the end-of-sequence token
+    counts = {t: sum(t in row for row in full) for row in full for t in row}
+    stop = next(t for t, n in counts.items() if 0 < n < len(full))
+    captioner.eos = stop
+    got = captioner.greedy(pixels)
+    ids, mask = model._tokenize(model.tokenizer, ["a photo of"] * len(full))
+    ref = model.model.generate(
+        pixels, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0
+    ).tolist()
+    expected = [row[: row.index(stop)] if stop in row else row for row in ref]
+    assert got == expected
+    assert any(len(g) < 6 for g in got) and any(len(g) == 6 for g in got)

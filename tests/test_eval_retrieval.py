@@ -1,0 +1,103 @@
+"""Recall@K in both directions, ITC alone and with ITM re-ranking."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from hf_tiny import make_blip2
+from PIL import Image
+
+import blipkit
+from blipkit import cli
+from blipkit.eval import cli as eval_cli
+from blipkit.eval.recall import group_pairs, recall_at_k, rerank_scores, retrieval_eval
+
+
+def test_recall_at_k_by_hand():
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.8], [0.7, 0.6, 0.5]])
+    relevant = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    # first relevant ranks: row 0 -> 0, row 1 -> 2, row 2 -> 2
+    assert recall_at_k(scores, relevant, ks=(1, 2, 3)) == pytest.approx(
+        {"R@1": 1 / 3, "R@2": 1 / 3, "R@3": 1.0}
+    )
+    none = torch.zeros(1, 3, dtype=torch.bool)
+    assert recall_at_k(scores[:1], none, ks=(1, 10)) == {"R@1": 0.0, "R@10": 0.0}
+
+
+def test_group_pairs_merges_duplicate_texts():
+    images, texts, relevant = group_pairs(
+        ["a.png", "b.png", "c.png", "a.png"], ["red", "red", "blue", "round"]
+    )
+    assert images == ["a.png", "b.png", "c.png"] and texts == ["red", "blue", "round"]
+    assert relevant.int().tolist() == [[1, 0, 1], [1, 0, 0], [0, 1, 0]]
+
+
+def test_rerank_scores_reorders_only_the_top():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    out = rerank_scores(scores, 2, lambda r, cols: torch.tensor([0.0 if c == 0 else 5.0 for c in cols]))
+    assert out[0].argsort(descending=True).tolist() == [1, 0, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf-retrieval-eval")
+    make_blip2(path, retrieval=True, num_query_tokens=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(
+            {"image": f"{i}.png", "caption": ["a red circle", "a blue square", "a green triangle"][i % 3]}
+        )
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "pairs.jsonl"
+
+
+def test_retrieval_eval_matches_model_similarity(model_dir, pairs):
+    model = blipkit.load(model_dir)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    images, texts, relevant = group_pairs(
+        [str(pairs.parent / r["image"]) for r in rows], [r["caption"] for r in rows]
+    )
+    report = retrieval_eval(model, images, texts, relevant, ks=(1, 2), rerank=2)
+    sims = model.similarity(images, texts)
+    assert report["itc"]["text_to_image"] == recall_at_k(sims.T, relevant.T, (1, 2))
+    assert report["itc"]["image_to_text"] == recall_at_k(sims, relevant, (1, 2))
+    # re-ranking the top 2 never changes R@2
+    assert report["itc+itm"]["text_to_image"]["R@2"] == report["itc"]["text_to_image"]["R@2"]
+    assert report["itc+itm"]["image_to_text"]["R@2"] == report["itc"]["image_to_text"]["R@2"]
+
+
+def test_eval_retrieval_cli(model_dir, pairs, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"), cli._model_arg)
+    out = tmp_path / "r.json"
+    args = parser.parse_args(
+        [
+            "eval",
+            "retrieval",
+            "--pairs",
+            str(pairs),
+            "--model",
+            str(model_dir),
+            "--rerank",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert (report["images"], report["texts"]) == (5, 3)
+    assert set(report["itc+itm"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
+    assert "| itc+itm | text to image |" in out.with_suffix(".md").read_text()

@@ -1,0 +1,234 @@
+"""The training loop on tiny random models: 2 processes = 1 process, and kill + --resume = uninterrupted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import make_tokenizer
+from PIL import Image, ImageDraw
+from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+
+from blipkit.loading import read_state_dict
+from blipkit.train.config import load_config
+from blipkit.train.distributed import DistEnv
+from blipkit.train.loop import ResumeError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = ["red", "blue", "green", "black"]
+
+
+def _tiny_assets(root: Path) -> Path:
+    """A tiny DINOv2, LLaMA and BERT tokenizer, a model config using them, and a VQA JSONL of drawn images."""
+    torch.manual_seed(0)
+    vision = Dinov2Model(
+        Dinov2Config(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=24,
+            patch_size=14,
+            image_size=28,
+        )
+    )
+    vision.save_pretrained(root / "vision")
+    llm_tok = make_tokenizer("llama")
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(llm_tok),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=llm_tok.pad_token_id,
+            bos_token_id=llm_tok.bos_token_id,
+            eos_token_id=llm_tok.eos_token_id,
+        )
+    )
+    llm.save_pretrained(root / "llm")
+    llm_tok.save_pretrained(root / "llm")
+    bert_tok = make_tokenizer("bert")
+    bert_tok.save_pretrained(root / "bert")
+    model = {
+        "name": "tiny",
+        "vision": {
+            "kind": "dinov2",
+            "pretrained": str(root / "vision"),
+            "image_size": 28,
+            "patch_size": 14,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 24,
+        },
+        "qformer": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 4,
+            "intermediate_size": 48,
+            "num_query_tokens": 4,
+            "cross_attention_frequency": 1,
+            "encoder_hidden_size": 16,
+            "vocab_size": len(bert_tok),
+            "max_position_embeddings": 32,
+            "embed_dim": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 4,
+            "cls_token_id": 2,
+        },
+        "bridge": {"kind": "linear", "llm_hidden_size": 32, "text_input": True},
+        "llm": {"kind": "causal", "pretrained": str(root / "llm")},
+        "prompts": {"caption": "", "vqa": "question : {} answer :"},
+        "processor": {"image_size": 28},
+        "qformer_tokenizer": str(root / "bert"),
+    }
+    (root / "model.json").write_text(json.dumps(model))
+    rows = []
+    for i, color in enumerate(COLORS * 2):
+        image = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(image).ellipse((4 + i, 4, 24 + i, 24), fill=color)
+        image.save(root / f"{i}.png")
+        caption = f"a {color} car"
+        rows.append(
+            {"image": f"{i}.png", "question": "what color is this ?", "answer": color, "caption": caption}
+        )
+        rows.append(
+            {"image": f"{i}.png", "question": f"is this {color} ?", "answer": "yes", "caption": caption}
+        )
+    (root / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _tiny_assets(tmp_path_factory.mktemp("tiny-train"))
+
+
+def _overrides(tiny: Path, **extra) -> list[str]:
+    values = {
+        "model": tiny / "model.json",
+        "data": tiny / "vqa.jsonl",
+        "feature_cache": tiny / "features",
+        "qformer_init": "none",
+        "batch_size": 4,
+        "max_steps": 4,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "warm_start_steps": 1,
+        "stage1_weight": 0.5,
+        "caption_examples": "true",
+        "views": 2,
+        "augment_prob": 0.5,
+        "checkpoint_every": 2,
+        "threads": 1,
+        "progress": "false",
+    } | extra
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def _losses(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "losses.csv").open()))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return read_state_dict(run / "final" / "bridge.safetensors")
+
+
+def _train(tiny: Path, out: Path, stage: str = "stage2", resume: bool = False, on_step=None, **extra) -> Path:
+    cfg = load_config(None, _overrides(tiny, **extra), stage=stage)
+    return Trainer(cfg, out, resume=resume, env=DistEnv()).run(on_step)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_group(command: list[str], env: dict, timeout: int = 120) -> tuple[int, str]:
+    """Run torchrun in its own process group, so a hang cannot leave worker processes behind."""
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s: {stderr[-3000:]}")
+    return proc.returncode, stderr
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_reproduce_the_loss_curve(tiny, tmp_path):
+    _train(tiny, tmp_path / "whole")
+
+    def kill_after_step_3(step, row):  # one step after the checkpoint at step 2: that step is lost
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(tiny, tmp_path / "cut", on_step=kill_after_step_3)
+    with pytest.raises(ResumeError, match="--resume"):
+        _train(tiny, tmp_path / "cut")
+    _train(tiny, tmp_path / "cut", resume=True)
+    whole, cut = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
+    assert [r["step"] for r in cut] == ["1", "2", "3", "4"]
+    for a, b in zip(whole, cut, strict=True):
+        assert a["loss"] == b["loss"], (a, b)
+    assert set(whole[0]) >= {"warm_start", "lm", "itc", "itm", "itg"}
+    for name, tensor in _weights(tmp_path / "whole").items():
+        torch.testing.assert_close(tensor, _weights(tmp_path / "cut")[name], rtol=0, atol=0)
+    assert (tmp_path / "whole" / "losses.png").exists()
+    assert (tmp_path / "whole" / "final-fp16" / "bridge.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_two_processes_equal_one(tiny, tmp_path, stage):
+    _train(tiny, tmp_path / "one", stage=stage, max_steps=3)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "blipkit.train",
+        stage,
+        "--out",
+        str(tmp_path / "two"),
+        *_overrides(tiny, max_steps=3),
+    ]
+    returncode, stderr = _run_group(command, env)
+    assert returncode == 0, stderr[-3000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        if name.endswith(".k.bias"):  # no gradient in exact arithmetic (softmax is shift-invariant): Adam
+            continue  # turns the rounding noise into updates, which never reach any output
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
