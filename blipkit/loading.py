@@ -159,9 +159,7 @@ def build_llm(
     if cfg.kind == "none":
         return None
     from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     hf_config = None
     if state_dict is None:
         if not cfg.pretrained:
@@ -236,6 +234,9 @@ def load_checkpoint(
     name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None
 ) -> Loaded:
     """Load a transformers BLIP-2 dir, a blipkit checkpoint dir, or ``"default"`` (the embedded model)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise
     dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
     path = Path(name_or_path).expanduser()
     if not path.exists() and (WEIGHTS_DIR / str(name_or_path)).exists():

@@ -11,7 +11,7 @@ SCENES = {
     # name: (canvas (W, H), background, shape, colour, box (x0, y0, x1, y1))
     "red_circle.png": ((320, 240), (235, 235, 235), "circle", (220, 30, 30), (40, 30, 190, 180)),
     "blue_triangle.png": ((256, 256), (250, 250, 250), "triangle", (30, 60, 220), (110, 100, 240, 230)),
-    "green_rectangle.png": ((200, 300), (225, 225, 240), "rectangle", (40, 170, 60), (30, 160, 170, 280)),
+    "green_rectangle.png": ((200, 300), (225, 225, 240), "rectangle", (20, 180, 20), (30, 160, 170, 280)),
     "yellow_circle.jpg": ((480, 360), (90, 90, 110), "circle", (235, 220, 40), (260, 60, 430, 230)),
 }
 
