@@ -161,6 +161,7 @@ def render(r: dict) -> str:
         f'Captions on {c["images"]} test images against derived captions ("a red circle"): '
         + ", ".join(f"{k} {v:.3f}" for k, v in c.items() if isinstance(v, float))
     )
+    lines.append("(captions are three words long, so BLEU-4 has almost no 4-grams to count.)")
     lines += ["", "| prediction | reference |", "|---|---|"]
     lines += [f"| {p} | {ref} |" for p, ref in c["examples"]]
     ret = r["retrieval"]["retrieval"]
