@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1000, help="first N test images")
     parser.add_argument("--rerank", type=int, default=16)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--full-captions", action="store_true", help='only "a <color> <shape>" captions')
     args = parser.parse_args()
 
     import blipkit
@@ -39,7 +40,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = blipkit.load(args.model, batch_size=64)
-    examples = easy_vqa.caption_examples("test")[: args.limit]
+    examples = easy_vqa.caption_examples("test")
+    if args.full_captions:  # partial captions ("a circle") also fit other images, which count as misses
+        examples = [e for e in examples if len(e.caption.split()) == 3]
+    examples = examples[: args.limit]
     start = time.perf_counter()
     images, texts, relevant = group_pairs([e.image for e in examples], [e.caption for e in examples])
     features = image_features(model, images)

@@ -74,9 +74,32 @@ def opt_like_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return out
 
 
-def build_model(path: Path, vision_layers: int, vision_width: int) -> Blip2ForConditionalGeneration:
+def build_model(
+    path: Path, vision_layers: int, vision_width: int, smoke: bool = False
+) -> Blip2ForConditionalGeneration:
+    """Random BLIP-2 saved to ``path``; ``smoke`` shrinks the Q-Former and LLM to check the script quickly."""
     tok = opt_like_tokenizer()
+    qformer = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    llm = {
+        "hidden_size": 64,
+        "word_embed_proj_dim": 64,
+        "ffn_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
     heads = 16 if vision_width % 16 == 0 else 12
+    opt = {  # OPT-125m
+        "vocab_size": len(tok),
+        "hidden_size": 768,
+        "ffn_dim": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 2048,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        **(llm if smoke else {}),
+    }
     config = Blip2Config(
         vision_config=Blip2VisionConfig(
             hidden_size=vision_width,
@@ -86,20 +109,9 @@ def build_model(path: Path, vision_layers: int, vision_width: int) -> Blip2ForCo
             image_size=224,
             patch_size=14,
         ),
-        qformer_config=Blip2QFormerConfig(
-            encoder_hidden_size=vision_width
-        ),  # bert-base, cross-attn every 2nd
-        text_config=OPTConfig(  # OPT-125m
-            vocab_size=len(tok),
-            hidden_size=768,
-            ffn_dim=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=2048,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        # bert-base, cross-attention every 2nd layer
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision_width, **(qformer if smoke else {})),
+        text_config=OPTConfig(**opt),
         num_query_tokens=32,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
@@ -258,6 +270,7 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny Q-Former and LLM: checks the script only")
     parser.add_argument("--skip-default", action="store_true", help="do not try blipkit.load('default')")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -271,7 +284,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="blipkit-bench-") as tmp:
         t0 = time.perf_counter()
-        hf = build_model(Path(tmp), args.vision_layers, args.vision_width)
+        hf = build_model(Path(tmp), args.vision_layers, args.vision_width, args.smoke)
         bk = blipkit.load(tmp)
         print(f"built and loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     engine = Engine(bk, max_batch_size=args.clients, batch_window_ms=10)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
@@ -53,19 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=30)
     _model_arg(p)
     p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("classify", help="zero-shot classification against comma-separated labels")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--labels", required=True, help='e.g. "a cat,a dog"')
-    p.add_argument("--template", default="{}", help="prompt template for labels, e.g. 'a photo of {}'")
-    _model_arg(p)
-    p.set_defaults(func=cmd_classify)
-
-    p = sub.add_parser("similarity", help="ITC similarity matrix of images x texts")
-    p.add_argument("--images", nargs="+", required=True)
-    p.add_argument("--texts", nargs="+", required=True)
-    _model_arg(p)
-    p.set_defaults(func=cmd_similarity)
     for register in _plugins():
         register(sub, _model_arg)
     return parser
@@ -113,29 +98,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if line.strip():
             print(chat.send(line.strip()), flush=True)
-    return EXIT_OK
-
-
-def cmd_classify(args: argparse.Namespace) -> int:
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    if not labels:
-        raise UsageError("--labels needs at least one label")
-    model = _load(args)
-    for path, probs in zip(
-        args.images, model.classify(args.images, labels, template=args.template), strict=True
-    ):
-        best = max(probs, key=probs.get)
-        print(json.dumps({"path": path, "label": best, "probs": {k: round(v, 4) for k, v in probs.items()}}))
-    return EXIT_OK
-
-
-def cmd_similarity(args: argparse.Namespace) -> int:
-    model = _load(args)
-    sims = model.similarity(args.images, args.texts)
-    width = max(len(t) for t in args.texts)
-    print(" " * 24 + "  ".join(f"{t[:width]:>{width}}" for t in args.texts))
-    for path, row in zip(args.images, sims.tolist(), strict=True):
-        print(f"{Path(path).name[:24]:<24}" + "  ".join(f"{v:>{width}.3f}" for v in row))
     return EXIT_OK
 
 

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Train the embedded default model on easy-VQA (CPU, about an hour) and ship it to blipkit/weights/default.
+#   1. stage 1 (ITC/ITM/ITG) on derived captions, Q-Former started from all-MiniLM-L6-v2
+#   2. stage 2: caption/answer warm start, then the LM loss through frozen SmolLM2 (question-aware queries)
+#   3. a short stage-1 pass that trains only the retrieval heads (ITC/ITM) on the stage-2 Q-Former, so the
+#      shipped checkpoint answers questions and also embeds / matches / classifies
 # Usage: scripts/train_default.sh [RUN_DIR]   (re-running continues an interrupted stage with --resume)
 set -euo pipefail
 RUN=${1:-runs/default}
@@ -7,9 +11,14 @@ resume_flag() { [ -f "$1/resume.pt" ] && echo --resume || true; }
 
 [ -d "$RUN/stage1/final" ] || python -m blipkit.train stage1 --config configs/default_stage1.json \
     --out "$RUN/stage1" $(resume_flag "$RUN/stage1")
-[ -d "$RUN/stage2/final-fp16" ] || python -m blipkit.train stage2 --config configs/default_stage2.json \
+[ -d "$RUN/stage2/final" ] || python -m blipkit.train stage2 --config configs/default_stage2.json \
     --out "$RUN/stage2" --init_from="$RUN/stage1/final" $(resume_flag "$RUN/stage2")
+[ -d "$RUN/stage1_heads/final-fp16" ] || python -m blipkit.train stage1 \
+    --config configs/default_stage1_heads.json --out "$RUN/stage1_heads" --init_from="$RUN/stage2/final" \
+    $(resume_flag "$RUN/stage1_heads")
 
 mkdir -p blipkit/weights/default
-cp "$RUN/stage2/final-fp16/config.json" "$RUN/stage2/final-fp16/bridge.safetensors" blipkit/weights/default/
+cp "$RUN/stage1_heads/final-fp16/config.json" "$RUN/stage1_heads/final-fp16/bridge.safetensors" \
+    blipkit/weights/default/
+python -m blipkit.train.vqa_eval blipkit/weights/default --limit 1000
 echo "shipped: blipkit/weights/default ($(du -h blipkit/weights/default/bridge.safetensors | cut -f1))"

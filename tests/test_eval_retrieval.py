@@ -38,7 +38,7 @@ def test_group_pairs_merges_duplicate_texts():
 
 def test_rerank_scores_reorders_only_the_top():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
-    out = rerank_scores(scores, 2, lambda r, cols: torch.tensor([0.0 if c == 0 else 5.0 for c in cols]))
+    out = rerank_scores(scores, 2, lambda rows, cols: torch.tensor([0.0 if c == 0 else 5.0 for c in cols]))
     assert out[0].argsort(descending=True).tolist() == [1, 0, 2, 3]
 
 

@@ -232,3 +232,18 @@ def test_two_processes_equal_one(tiny, tmp_path, stage):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
+
+
+def test_trainable_prefixes_freeze_the_rest(tiny, tmp_path):
+    _train(tiny, tmp_path / "base", stage="stage1", max_steps=1)
+    _train(
+        tiny,
+        tmp_path / "heads",
+        stage="stage1",
+        max_steps=2,
+        init_from=tmp_path / "base" / "final",
+        trainable="qformer.text_proj,qformer.temp",
+    )
+    before, after = _weights(tmp_path / "base"), _weights(tmp_path / "heads")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"qformer.text_proj.weight", "qformer.text_proj.bias", "qformer.temp"}

@@ -44,7 +44,12 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument(
         "--workers", type=int, default=None, help="image decoding processes (default: min(4, CPUs))"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the model (default: CPUs, less one when decoding in workers)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="ray: number of model actors")
     p.add_argument(
         "--progress", action="store_true", help="show the progress bar even when not on a terminal"

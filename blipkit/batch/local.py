@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from itertools import chain
 
 import torch
@@ -10,6 +11,16 @@ from blipkit.batch.decode import batches
 from blipkit.batch.generate import Captioner
 from blipkit.batch.job import Job, Progress, Summary, pending, result_rows
 from blipkit.batch.writers import Sink
+
+
+def model_threads(workers: int) -> int:
+    """Torch threads for the model: every usable CPU, less one for the decoding workers when there are any.
+
+    On a small machine this matters most: two threads fighting the decoders (or other jobs) for two cores
+    ran several times slower than one in bench/caption_throughput.py.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus - 1) if workers else cpus
 
 
 def run_local(job: Job, sink: Sink) -> Summary:
@@ -21,8 +32,7 @@ def run_local(job: Job, sink: Sink) -> Summary:
     first = next(items, None)
     if first is None:  # everything is in the output already: no need for the model
         return summary
-    if job.threads:
-        torch.set_num_threads(job.threads)
+    torch.set_num_threads(job.threads or model_threads(job.workers))
     model = blipkit.load(job.model, dtype=job.dtype, device=job.device, batch_size=job.batch_size)
     captioner = Captioner(model, job.prompt, job.max_new_tokens, job.num_beams)
     progress = Progress(job, summary)

@@ -63,37 +63,37 @@ def _image(row: dict, root: Path, where: str) -> str:
     return str(path)
 
 
-def read_captions(path: str | Path, image_root: str | Path | None = None) -> list[CaptionExample]:
-    """Caption examples from JSONL (``{"image": ..., "caption": ...}``) or CSV with those columns."""
+def _read(path: str | Path, image_root: str | Path | None, make) -> list:
+    """Examples from the rows of ``path``; ``make(row, root, where)`` builds one and names bad rows."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    examples = []
-    for number, row in _rows(path):
-        where = f"{path}:{number}"
-        examples.append(CaptionExample(_image(row, root, where), _text(row, "caption", where)))
+    examples = [make(row, root, f"{path}:{number}") for number, row in _rows(path)]
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples
+
+
+def read_captions(path: str | Path, image_root: str | Path | None = None) -> list[CaptionExample]:
+    """Caption examples from JSONL (``{"image": ..., "caption": ...}``) or CSV with those columns."""
+
+    def make(row: dict, root: Path, where: str) -> CaptionExample:
+        return CaptionExample(_image(row, root, where), _text(row, "caption", where))
+
+    return _read(path, image_root, make)
 
 
 def read_vqa(path: str | Path, image_root: str | Path | None = None) -> list[VqaExample]:
     """VQA examples from JSONL: ``{"image": ..., "question": ..., "answer": ...[, "caption": ...]}``."""
-    path = Path(path)
-    root = Path(image_root) if image_root else path.parent
-    examples = []
-    for number, row in _rows(path):
-        where = f"{path}:{number}"
-        examples.append(
-            VqaExample(
-                _image(row, root, where),
-                _text(row, "question", where),
-                _text(row, "answer", where),
-                _text(row, "caption", where, required=False),
-            )
+
+    def make(row: dict, root: Path, where: str) -> VqaExample:
+        return VqaExample(
+            _image(row, root, where),
+            _text(row, "question", where),
+            _text(row, "answer", where),
+            _text(row, "caption", where, required=False),
         )
-    if not examples:
-        raise DataError(f"{path}: no rows")
-    return examples
+
+    return _read(path, image_root, make)
 
 
 def is_vqa_file(path: str | Path) -> bool:

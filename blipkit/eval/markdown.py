@@ -7,13 +7,18 @@ from blipkit.eval.files import table
 __all__ = ["caption_markdown", "retrieval_markdown", "vqa_markdown"]
 
 
+def _facts(report: dict, keys: tuple[str, ...]) -> str:
+    """A bullet list of the ``keys`` the report has, followed by a blank line (nothing when none)."""
+    lines = "".join(f"- {k}: `{report[k]}`\n" for k in keys if k in report)
+    return lines + "\n" if lines else ""
+
+
 def vqa_markdown(report: dict, title: str = "VQA accuracy") -> str:
-    md = f"# {title}\n\n"
-    md += "".join(f"- {k}: `{report[k]}`\n" for k in ("model", "dataset", "split", "limit") if k in report)
+    md = f"# {title}\n\n" + _facts(report, ("model", "dataset", "split", "limit", "seconds"))
     rows = [["overall", report["questions"], report["accuracy"]]]
     counts = report.get("answer_type_counts", {})
     rows += [[k, counts.get(k, ""), v] for k, v in report.get("by_answer_type", {}).items()]
-    md += "\n" + table(["answers", "questions", "accuracy"], rows)
+    md += table(["answers", "questions", "accuracy"], rows)
     if "exact_match" in report:
         md += f"\nExact match (stripped, lower-cased): {report['exact_match']:.4f}\n"
     if report.get("missing_predictions"):
@@ -36,15 +41,14 @@ def caption_markdown(report: dict) -> str:
 
 
 def retrieval_markdown(report: dict) -> str:
-    md = "# Image-text retrieval\n\n"
-    md += "".join(f"- {k}: `{report[k]}`\n" for k in ("model", "dataset", "images", "texts") if k in report)
+    md = "# Image-text retrieval\n\n" + _facts(report, ("model", "dataset", "images", "texts"))
     ks = list(report["itc"]["text_to_image"])
     rows = []
     for method in ("itc", "itc+itm"):
         if method in report:
             for direction in ("text_to_image", "image_to_text"):
                 rows.append([method, direction.replace("_", " "), *report[method][direction].values()])
-    md += "\n" + table(["scores", "direction", *ks], rows)
+    md += table(["scores", "direction", *ks], rows)
     if "rerank_top" in report:
         md += f"\nITM re-ranks the {report['rerank_top']} best ITC candidates (ITM match logit + ITC).\n"
     return md

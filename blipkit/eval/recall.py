@@ -36,16 +36,26 @@ def recall_at_k(scores: Tensor, relevant: Tensor, ks: Sequence[int] = (1, 5, 10)
     return {f"R@{k}": float((found & (first < k)).float().mean()) for k in ks}
 
 
-def rerank_scores(scores: Tensor, top: int, score_fn) -> Tensor:
-    """Scores where each row's ``top`` best are re-ordered by ``score_fn(row, columns) -> (top,)`` and kept
-    above the rest (whose ITC order is unchanged)."""
-    out = scores.clone()
+def rerank_scores(scores: Tensor, top: int, score_pairs) -> Tensor:
+    """Scores where each row's ``top`` best are re-ordered by new scores and kept above the rest (whose ITC
+    order is unchanged). ``score_pairs(rows, cols) -> (len(rows),)`` scores all (row, column) pairs."""
     top = min(top, scores.shape[1])
-    for r in range(scores.shape[0]):
-        cols = scores[r].topk(top).indices
-        new = score_fn(r, cols.tolist()).float()
-        out[r, cols] = new - new.min() + scores.max() + 1.0  # above every score left in ITC order
-    return out
+    cols = scores.topk(top, dim=1).indices  # (R, top)
+    rows = torch.arange(scores.shape[0]).repeat_interleave(top)
+    new = score_pairs(rows.tolist(), cols.flatten().tolist()).float().view(-1, top)
+    lifted = new - new.amin(dim=1, keepdim=True) + scores.max() + 1.0  # above every score left in ITC order
+    return scores.clone().scatter_(1, cols, lifted)
+
+
+def _pair_logits(model, vision: Tensor, image_rows: list[int], texts: list[str], chunk: int = 256) -> Tensor:
+    """ITM match logits of (vision[image_rows[i]], texts[i]) pairs, a chunk at a time."""
+    from blipkit.retrieval.search import itm_logits
+
+    parts = [
+        itm_logits(model, vision[image_rows[a : a + chunk]], texts[a : a + chunk])
+        for a in range(0, len(texts), chunk)
+    ]
+    return torch.cat(parts)
 
 
 @torch.inference_mode()
@@ -74,8 +84,6 @@ def retrieval_eval(
     """R@K text->image and image->text from ITC (max over queries), and with ITM re-ranking of the
     ``rerank`` best when ``rerank`` > 0 (score = ITM match logit + ITC, as BLIP-2 does).
     ``features``: the output of ``image_features(model, images)``, when already computed."""
-    from blipkit.retrieval.search import itm_logits
-
     image_q, vision = features if features is not None else image_features(model, images)
     text_e = model.embed_texts(list(texts)).cpu()
     sims = torch.einsum("nqe,me->nqm", image_q, text_e).amax(dim=1)  # (N_img, N_txt)
@@ -89,12 +97,11 @@ def retrieval_eval(
     }
     if rerank:
 
-        def t2i(j: int, cols: list[int]) -> Tensor:
-            return itm_logits(model, vision[cols], [texts[j]] * len(cols)) + sims[cols, j]
+        def t2i(rows: list[int], cols: list[int]) -> Tensor:  # rows: texts, cols: images
+            return _pair_logits(model, vision, cols, [texts[j] for j in rows]) + sims[cols, rows]
 
-        def i2t(i: int, cols: list[int]) -> Tensor:
-            pair = vision[i : i + 1].expand(len(cols), -1, -1)
-            return itm_logits(model, pair, [texts[j] for j in cols]) + sims[i, cols]
+        def i2t(rows: list[int], cols: list[int]) -> Tensor:  # rows: images, cols: texts
+            return _pair_logits(model, vision, rows, [texts[j] for j in cols]) + sims[rows, cols]
 
         report["itc+itm"] = {
             "text_to_image": recall_at_k(rerank_scores(sims.T, rerank, t2i), relevant.T, ks),

@@ -36,25 +36,22 @@ def register(subparsers, add_model_args) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_search, model=None)  # default: the model the index was built with
 
-    if "classify" not in subparsers.choices:
-        p = subparsers.add_parser("classify", help="zero-shot classification against comma-separated labels")
-        p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-        p.add_argument("--labels", required=True, help='e.g. "a cat,a dog"')
-        p.add_argument("--template", default=None, help="prompt template for labels, e.g. 'a photo of {}'")
-        p.add_argument("--recursive", action="store_true")
-        p.add_argument("--batch-size", type=int, default=16)
-        add_model_args(p)
-        p.set_defaults(func=cmd_classify)
+    p = subparsers.add_parser("classify", help="zero-shot classification against comma-separated labels")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--labels", required=True, help='e.g. "a cat,a dog"')
+    p.add_argument("--template", default=None, help="prompt template for labels, e.g. 'a photo of {}'")
+    p.add_argument("--recursive", action="store_true")
+    p.add_argument("--batch-size", type=int, default=16)
+    _finish(p, add_model_args, cmd_classify)
 
-    if "similarity" not in subparsers.choices:
-        p = subparsers.add_parser("similarity", help="image x text similarity matrix, optionally drawn")
-        p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-        p.add_argument("--texts", nargs="+", required=True)
-        p.add_argument("--plot", default=None, metavar="PNG", help="draw the matrix as a heatmap")
-        p.add_argument("--itm", action="store_true", help="ITM match probabilities instead of ITC cosine")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        add_model_args(p)
-        p.set_defaults(func=cmd_similarity)
+    p = subparsers.add_parser("similarity", help="image x text similarity matrix, optionally drawn")
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p.add_argument("--texts", nargs="+", required=True)
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the matrix as a heatmap")
+    p.add_argument("--itm", action="store_true", help="ITM match probabilities instead of ITC cosine")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_args(p)
+    p.set_defaults(func=cmd_similarity)
 
     p = subparsers.add_parser(
         "cluster", help="k-means on image embeddings: CSV + one contact sheet per cluster"
@@ -65,8 +62,12 @@ def register(subparsers, add_model_args) -> None:
     p.add_argument("--index", default=None, help="cluster the images of this index (no model run)")
     p.add_argument("--recursive", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    _finish(p, add_model_args, cmd_cluster)
+
+
+def _finish(p: argparse.ArgumentParser, add_model_args, func) -> None:
     add_model_args(p)
-    p.set_defaults(func=cmd_cluster)
+    p.set_defaults(func=func)
 
 
 def _load(args: argparse.Namespace, model: str | None = None):

@@ -6,7 +6,10 @@ from collections.abc import Iterator, Sequence
 
 __all__ = ["DEFAULT_TEMPLATE", "classify_files", "parse_labels"]
 
-DEFAULT_TEMPLATE = "{}"  # see bench/retrieval_goals.py: measured against "a photo of {}" and "a {}"
+# bench/retrieval_goals.py, shapes of 194 easy-VQA test images, default model: "a photo of {}" 0.933,
+# "{}" 0.928
+# ("a {}" 0.985 suits bare nouns, but a label such as "a cat" would read "a a cat")
+DEFAULT_TEMPLATE = "a photo of {}"
 
 
 def parse_labels(text: str) -> list[str]:

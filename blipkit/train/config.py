@@ -21,6 +21,7 @@ class TrainConfig:
     model: str = "default"  # architecture: a name in blipkit/configs or a model-config JSON file
     init_from: str | None = None  # blipkit checkpoint dir whose Q-Former (and bridge) start the run
     qformer_init: str | None = "asset:all-minilm-l6-v2"  # BERT dir for the Q-Former (unused with init_from)
+    trainable: str = ""  # comma-separated name prefixes to train (e.g. "qformer.text_proj"); "": all
     # --- data -----------------------------------------------------------------------------------------------
     data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl
     image_root: str | None = None  # where relative image paths start (default: the data file's folder)

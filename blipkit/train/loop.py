@@ -75,8 +75,9 @@ def trainable_parts(model: Blip2) -> nn.ModuleDict:
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, biases / norms / the temperature do not (LAVIS)."""
-    decay = [p for p in module.parameters() if p.ndim >= 2]
-    rest = [p for p in module.parameters() if p.ndim < 2]
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
@@ -98,6 +99,14 @@ class Trainer:
         self.model_cfg = model_config(cfg)
         self.model = build_training_model(cfg, self.model_cfg).to(self.device)
         self.trainable = trainable_parts(self.model)
+        if cfg.trainable:
+            prefixes = tuple(p.strip() for p in cfg.trainable.split(",") if p.strip())
+            for name, param in self.trainable.named_parameters():
+                param.requires_grad_(name.startswith(prefixes))
+            if not any(p.requires_grad for p in self.trainable.parameters()):
+                raise ValueError(
+                    f"trainable={cfg.trainable!r} matches no parameter of the Q-Former or bridge"
+                )
         self.data = self._training_set()
         self.features = self._features()
         self.order = DataOrder(len(self.data), cfg.batch_size, cfg.seed, cfg.views, cfg.augment_prob)
