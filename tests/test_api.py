@@ -8,25 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_blip2
 from PIL import Image
 
 import blipkit
 from blipkit import cli
-
-
-@pytest.fixture(scope="module")
-def opt_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-opt-api")
-    make_blip2(path, llm="opt", num_query_tokens=4)
-    return path
-
-
-@pytest.fixture(scope="module")
-def retrieval_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-retrieval-api")
-    make_blip2(path, retrieval=True, num_query_tokens=4)
-    return path
 
 
 @pytest.fixture(scope="module")

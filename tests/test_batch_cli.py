@@ -7,20 +7,12 @@ import json
 
 import pytest
 from batch_images import BAD, GOOD, make_collection
-from hf_tiny import make_blip2
 
 import blipkit
 from blipkit import cli
 from blipkit.batch.files import key_of
 
 ARGS = ["--max-new-tokens", "4", "--batch-size", "4", "--workers", "0", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def opt_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-opt-batch")
-    make_blip2(path, llm="opt", num_query_tokens=4)
-    return path
 
 
 @pytest.fixture(scope="module")

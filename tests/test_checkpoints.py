@@ -6,19 +6,11 @@ import json
 
 import pytest
 import torch
-from hf_tiny import make_blip2
 from safetensors.torch import load_file, save_file
 
 import blipkit
 from blipkit.convert import hf_blip2
 from blipkit.loading import CheckpointError, read_state_dict
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-opt")
-    make_blip2(path, llm="opt", num_query_tokens=4)
-    return path
 
 
 def _copy_dir(src, dst):
@@ -32,8 +24,8 @@ def _weights_file(path):
     return next(path.glob("*.safetensors"))
 
 
-def test_blipkit_round_trip_is_bit_exact(hf_dir, tmp_path):
-    model = blipkit.load(hf_dir)
+def test_blipkit_round_trip_is_bit_exact(opt_dir, tmp_path):
+    model = blipkit.load(opt_dir)
     out = blipkit.save_checkpoint(model.model, tmp_path / "ck", model.processor)
     assert sorted(p.name for p in out.iterdir()) == ["bridge.safetensors", "config.json"]
     saved = load_file(str(out / "bridge.safetensors"))
@@ -50,8 +42,8 @@ def test_blipkit_round_trip_is_bit_exact(hf_dir, tmp_path):
     assert again.processor == model.processor
 
 
-def test_missing_key_is_named(hf_dir, tmp_path):
-    bad = _copy_dir(hf_dir, tmp_path / "bad")
+def test_missing_key_is_named(opt_dir, tmp_path):
+    bad = _copy_dir(opt_dir, tmp_path / "bad")
     f = _weights_file(bad)
     sd = load_file(str(f))
     del sd["qformer.encoder.layer.1.output_query.dense.weight"]
@@ -60,8 +52,8 @@ def test_missing_key_is_named(hf_dir, tmp_path):
         blipkit.load(bad)
 
 
-def test_wrong_shape_is_named(hf_dir, tmp_path):
-    bad = _copy_dir(hf_dir, tmp_path / "bad")
+def test_wrong_shape_is_named(opt_dir, tmp_path):
+    bad = _copy_dir(opt_dir, tmp_path / "bad")
     f = _weights_file(bad)
     sd = load_file(str(f))
     sd["language_projection.weight"] = torch.zeros(3, 3)
@@ -70,8 +62,8 @@ def test_wrong_shape_is_named(hf_dir, tmp_path):
         blipkit.load(bad)
 
 
-def test_unknown_key_is_named(hf_dir, tmp_path):
-    bad = _copy_dir(hf_dir, tmp_path / "bad")
+def test_unknown_key_is_named(opt_dir, tmp_path):
+    bad = _copy_dir(opt_dir, tmp_path / "bad")
     f = _weights_file(bad)
     sd = load_file(str(f))
     sd["qformer.encoder.layer.0.surprise.weight"] = torch.zeros(2)
@@ -80,8 +72,8 @@ def test_unknown_key_is_named(hf_dir, tmp_path):
         blipkit.load(bad)
 
 
-def test_missing_llm_key_is_named(hf_dir, tmp_path):
-    bad = _copy_dir(hf_dir, tmp_path / "bad")
+def test_missing_llm_key_is_named(opt_dir, tmp_path):
+    bad = _copy_dir(opt_dir, tmp_path / "bad")
     f = _weights_file(bad)
     sd = load_file(str(f))
     del sd["language_model.model.decoder.layers.0.fc1.weight"]
@@ -90,8 +82,8 @@ def test_missing_llm_key_is_named(hf_dir, tmp_path):
         blipkit.load(bad)
 
 
-def test_blipkit_checkpoint_missing_key(hf_dir, tmp_path):
-    model = blipkit.load(hf_dir)
+def test_blipkit_checkpoint_missing_key(opt_dir, tmp_path):
+    model = blipkit.load(opt_dir)
     out = blipkit.save_checkpoint(model.model, tmp_path / "ck")
     sd = load_file(str(out / "bridge.safetensors"))
     del sd["qformer.query_tokens"]
@@ -100,8 +92,8 @@ def test_blipkit_checkpoint_missing_key(hf_dir, tmp_path):
         blipkit.load(out)
 
 
-def test_unknown_config_key(hf_dir, tmp_path):
-    model = blipkit.load(hf_dir)
+def test_unknown_config_key(opt_dir, tmp_path):
+    model = blipkit.load(opt_dir)
     out = blipkit.save_checkpoint(model.model, tmp_path / "ck")
     cfg = json.loads((out / "config.json").read_text())
     cfg["config"]["qformer"]["num_querys"] = 3
@@ -110,8 +102,8 @@ def test_unknown_config_key(hf_dir, tmp_path):
         blipkit.load(out)
 
 
-def test_key_maps_invert(hf_dir):
-    sd = read_state_dict(hf_dir)
+def test_key_maps_invert(opt_dir):
+    sd = read_state_dict(opt_dir)
     assert hf_blip2.detect_format(sd) == "transformers"
     ours = hf_blip2.filter_hf(sd)
     back = hf_blip2.to_hf(ours)

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_blip2
 from PIL import Image
 
 import blipkit
@@ -43,13 +42,6 @@ def test_rerank_scores_reorders_only_the_top():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-retrieval-eval")
-    make_blip2(path, retrieval=True, num_query_tokens=4)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     rng = np.random.default_rng(1)
@@ -63,8 +55,8 @@ def pairs(tmp_path_factory):
     return folder / "pairs.jsonl"
 
 
-def test_retrieval_eval_matches_model_similarity(model_dir, pairs):
-    model = blipkit.load(model_dir)
+def test_retrieval_eval_matches_model_similarity(retrieval_dir, pairs):
+    model = blipkit.load(retrieval_dir)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     images, texts, relevant = group_pairs(
         [str(pairs.parent / r["image"]) for r in rows], [r["caption"] for r in rows]
@@ -78,7 +70,7 @@ def test_retrieval_eval_matches_model_similarity(model_dir, pairs):
     assert report["itc+itm"]["image_to_text"]["R@2"] == report["itc"]["image_to_text"]["R@2"]
 
 
-def test_eval_retrieval_cli(model_dir, pairs, tmp_path, capsys):
+def test_eval_retrieval_cli(retrieval_dir, pairs, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     eval_cli.register(parser.add_subparsers(dest="command"), cli._model_arg)
     out = tmp_path / "r.json"
@@ -89,7 +81,7 @@ def test_eval_retrieval_cli(model_dir, pairs, tmp_path, capsys):
             "--pairs",
             str(pairs),
             "--model",
-            str(model_dir),
+            str(retrieval_dir),
             "--rerank",
             "3",
             "--out",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_tiny import make_blip2
 from PIL import Image
 
 import blipkit
@@ -13,10 +12,8 @@ from blipkit.eval.vqa_model import answer_type, evaluate_vqa_model, select
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-opt-vqa")
-    make_blip2(path, llm="opt", num_query_tokens=4)
-    return blipkit.load(path)
+def model(opt_dir):
+    return blipkit.load(opt_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_blip2
 from PIL import Image
 
 import blipkit
@@ -21,15 +20,8 @@ from blipkit.retrieval.search import encode_images, itm_logits
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf-retrieval")
-    make_blip2(path, retrieval=True, num_query_tokens=4)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return blipkit.load(model_dir)
+def model(retrieval_dir):
+    return blipkit.load(retrieval_dir)
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +46,19 @@ def images_of(folder):
     return sorted(str(p.resolve()) for p in folder.glob("*.png"))
 
 
-def test_index_holds_per_query_embeddings_and_resumes(model, model_dir, folder, tmp_path):
+def test_index_holds_per_query_embeddings_and_resumes(model, retrieval_dir, folder, tmp_path):
     paths = images_of(folder)
     out = tmp_path / "index"
-    first = build_index(model, paths[:4], out, str(model_dir), batch_size=3)
+    first = build_index(model, paths[:4], out, str(retrieval_dir), batch_size=3)
     assert (first.added, first.skipped, first.failed) == (4, 0, [])
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    second = build_index(model, [*paths, tmp_path / "broken.png"], out, str(model_dir), batch_size=3)
+    second = build_index(model, [*paths, tmp_path / "broken.png"], out, str(retrieval_dir), batch_size=3)
     assert (second.added, second.skipped) == (2, 4)
     assert [p for p, _ in second.failed] == [str((tmp_path / "broken.png").resolve())]
     index = ImageIndex.load(out)
     assert index.paths == paths and not (out / "parts").exists()
     torch.testing.assert_close(index.embeddings, model.image_query_embeddings(paths))
-    assert index.meta["model"] == str(model_dir) and index.meta["num_query_tokens"] == 4
+    assert index.meta["model"] == str(retrieval_dir) and index.meta["num_query_tokens"] == 4
     with pytest.raises(ValueError, match="built with model"):
         build_index(model, paths, out, "another-model")
 
@@ -87,9 +79,9 @@ def test_interrupted_build_keeps_finished_batches(model, folder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def index(model, model_dir, folder, tmp_path_factory):
+def index(model, retrieval_dir, folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("index")
-    return build_index(model, images_of(folder), out, str(model_dir), batch_size=4).index, out
+    return build_index(model, images_of(folder), out, str(retrieval_dir), batch_size=4).index, out
 
 
 def test_text_search_ranks_by_max_over_queries(model, index):
@@ -158,12 +150,12 @@ def test_search_cli_text_image_and_rerank(index, capsys):
         run(["search", str(out)])
 
 
-def test_index_cli_reports_failures(model_dir, folder, tmp_path, capsys):
+def test_index_cli_reports_failures(retrieval_dir, folder, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     for p in list(folder.glob("*.png"))[:2]:
         (tmp_path / "in" / p.name).write_bytes(p.read_bytes())
     (tmp_path / "in" / "bad.jpg").write_bytes(b"nope")
-    argv = ["index", str(tmp_path / "in"), "--out", str(tmp_path / "idx"), "--model", str(model_dir)]
+    argv = ["index", str(tmp_path / "in"), "--out", str(tmp_path / "idx"), "--model", str(retrieval_dir)]
     assert run(argv) == cli.EXIT_SOME_FAILED
     assert "bad.jpg" in capsys.readouterr().err
     (tmp_path / "in" / "bad.jpg").unlink()
@@ -171,10 +163,10 @@ def test_index_cli_reports_failures(model_dir, folder, tmp_path, capsys):
     assert "added 0, already there 2" in capsys.readouterr().err
 
 
-def test_classify_cli(model_dir, model, folder, capsys):
+def test_classify_cli(retrieval_dir, model, folder, capsys):
     paths = images_of(folder)[:2]
     assert run(["classify", *paths, "--labels", "a cat, a dog,a cat", "--template", "a photo of {}",
-                "--model", str(model_dir)]) == 0  # fmt: skip
+                "--model", str(retrieval_dir)]) == 0  # fmt: skip
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = model.classify(paths, ["a cat", "a dog"], template="a photo of {}")
     for row, probs in zip(rows, expected, strict=True):
@@ -182,10 +174,10 @@ def test_classify_cli(model_dir, model, folder, capsys):
         assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-3)
 
 
-def test_similarity_cli_prints_and_plots(model_dir, folder, tmp_path, capsys):
+def test_similarity_cli_prints_and_plots(retrieval_dir, folder, tmp_path, capsys):
     plot = tmp_path / "heat.png"
     paths = images_of(folder)[:3]
-    argv = ["similarity", "--images", *paths, "--texts", "a cat", "a dog", "--model", str(model_dir)]
+    argv = ["similarity", "--images", *paths, "--texts", "a cat", "a dog", "--model", str(retrieval_dir)]
     assert run([*argv, "--plot", str(plot)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 4 and "a cat" in table[0]
@@ -195,9 +187,9 @@ def test_similarity_cli_prints_and_plots(model_dir, folder, tmp_path, capsys):
     assert np.array(scores).shape == (3, 2) and all(0 <= v <= 1 for row in scores for v in row)
 
 
-def test_cluster_cli_from_folder_and_index(model_dir, folder, index, tmp_path, capsys):
+def test_cluster_cli_from_folder_and_index(retrieval_dir, folder, index, tmp_path, capsys):
     out = tmp_path / "clusters"
-    assert run(["cluster", str(folder), "-k", "2", "--out", str(out), "--model", str(model_dir)]) == 0
+    assert run(["cluster", str(folder), "-k", "2", "--out", str(out), "--model", str(retrieval_dir)]) == 0
     rows = list(csv.DictReader((out / "assignments.csv").open()))
     assert len(rows) == 6 and {r["cluster"] for r in rows} == {"0", "1"}
     assert sorted(p.name for p in out.glob("*.png")) == ["cluster_00.png", "cluster_01.png"]

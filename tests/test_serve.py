@@ -49,10 +49,8 @@ def sse_payloads(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve-opt")
-    make_blip2(path, llm="opt", num_query_tokens=4)
-    return blipkit.load(path)
+def model(opt_dir):
+    return blipkit.load(opt_dir)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_tiny import make_blip2
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -52,10 +51,8 @@ def data_uri(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve-live-opt")
-    make_blip2(path, llm="opt", num_query_tokens=4)
-    return blipkit.load(path)
+def model(opt_dir):
+    return blipkit.load(opt_dir)
 
 
 @pytest.fixture(scope="module")
