@@ -20,6 +20,7 @@ import torch
 
 import blipkit
 from blipkit.data import easy_vqa
+from blipkit.processing import tokenize
 from blipkit.train.vqa_eval import answer_kind, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,15 +37,19 @@ def blind_llm(model: blipkit.Model, limit: int) -> dict:
     tok, llm = model.tokenizer, model.model.llm
     examples = subset(easy_vqa.vqa_examples("test"), limit)
     hits, totals = defaultdict(int), defaultdict(int)
-    tok.padding_side = "left"
     for i in range(0, len(examples), 64):
         chunk = examples[i : i + 64]
-        enc = tok(
-            [model.config.prompts.vqa.format(e.question) for e in chunk], padding=True, return_tensors="pt"
-        )
+        prompts = [model.config.prompts.vqa.format(e.question) for e in chunk]
+        ids, mask = tokenize(tok, prompts, padding_side="left")  # llm.generate needs left padding
         with torch.inference_mode():
-            out = llm.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out = llm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=10,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        answers = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         for e, a in zip(chunk, answers, strict=True):
             for key in ("overall", answer_kind(e.answer)):
                 hits[key] += a.strip().lower() == e.answer

@@ -11,7 +11,7 @@ from torch import Tensor
 from blipkit.errors import CapabilityError
 from blipkit.loading import Loaded
 from blipkit.models.blip2 import Blip2
-from blipkit.processing import ImageInput, as_image_list, build_chat_prompt, build_prompt
+from blipkit.processing import ImageInput, as_image_list, build_chat_prompt, build_prompt, tokenize
 
 Images = ImageInput | Sequence[ImageInput]
 
@@ -47,18 +47,9 @@ class Model:
         """A list of images, or an already processed (B, 3, S, S) batch as is."""
         return images if isinstance(images, Tensor) else as_image_list(images)
 
-    def _tokenize(
-        self, tokenizer: Any, texts: list[str], padding_side: str = "right"
-    ) -> tuple[Tensor, Tensor]:
-        old = tokenizer.padding_side
-        tokenizer.padding_side = padding_side
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        try:
-            enc = tokenizer(texts, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = old
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+    def _tokenize(self, tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids, mask = tokenize(tokenizer, texts)
+        return ids.to(self.device), mask.to(self.device)
 
     def _qformer_text(self, texts: list[str]) -> dict[str, Tensor]:
         if not self.config.bridge.text_input:

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "VQA_TEMPLATE",
+    "tokenize",
     "ImageError",
     "ImageInput",
     "ImageProcessor",
@@ -296,3 +297,18 @@ def build_chat_prompt(
     turns = [f"{build_prompt(template, q)} {answer.strip()}".rstrip() for q, answer in history]
     turns.append(build_prompt(template, message))
     return separator.join(turns)
+
+
+def tokenize(tokenizer, texts: list[str], padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ``(input_ids, attention_mask)`` for ``texts``; the tokenizer's own padding side is left as is.
+
+    A tokenizer without a pad token pads with its end-of-sequence token (the pad positions are masked).
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    old, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    try:
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old
+    return enc["input_ids"], enc["attention_mask"]

@@ -19,7 +19,7 @@ import torch
 
 from blipkit import assets, loading
 from blipkit.data import easy_vqa
-from blipkit.processing import ImageProcessor
+from blipkit.processing import ImageProcessor, tokenize
 from blipkit.train.features import cached_features
 
 
@@ -27,15 +27,6 @@ def answer_kind(answer: str) -> str:
     if answer in ("yes", "no"):
         return "yes/no"
     return "shape" if answer in easy_vqa.SHAPES else "color"
-
-
-def _left_padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    old, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = old
-    return enc["input_ids"], enc["attention_mask"]
 
 
 def _variant_features(model, processor, examples, variant: str) -> dict[str, np.ndarray]:
@@ -92,7 +83,7 @@ def evaluate(
         prompts = [cfg.prompts.vqa.format(e.question) for e in chunk]
         rows = [changed[e.image] if changed else features[position[e.image], 0] for e in chunk]
         embeds = torch.from_numpy(np.stack(rows)).float()
-        ids, mask = _left_padded(tok, prompts)
+        ids, mask = tokenize(tok, prompts, padding_side="left")
         q = q_tok(prompts, padding=True, return_tensors="pt")
         out = model.generate(
             None,
