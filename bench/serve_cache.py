@@ -1,7 +1,8 @@
 """Image-cache and batching benchmark for ``blipkit serve``.
 
-1. Eight questions about one image: blipkit's serving engine (visual prompt cached by image hash) against
-   transformers' ``Blip2ForConditionalGeneration.generate``, which re-encodes the image for every question.
+1. Eight questions about one image: blipkit's serving engine (visual prompt and the LLM's keys/values over
+   it cached by image hash) against transformers' ``Blip2ForConditionalGeneration.generate``, which
+   re-encodes the image for every question.
 2. Throughput of a real uvicorn server: 16 concurrent clients against one client at a time.
 
 The model has BLIP-2's proportions with random weights built from a config (no downloads): EVA ViT-g
@@ -160,7 +161,7 @@ def bench_transformers(hf, bk: blipkit.Model, image: bytes, tokens: int) -> tupl
 
 
 def bench_blipkit(engine: Engine, image: bytes, tokens: int) -> tuple[list[float], list[str]]:
-    """blipkit: the first question encodes the image, the others reuse its cached visual prompt."""
+    """blipkit: the first question encodes the image, the others reuse its cached visual prompt and KV."""
     key = f"bench-{len(image)}-{hash(image)}"
     times, answers = [], []
     for question in QUESTIONS:

@@ -2,10 +2,18 @@
 
 Requests wait in a queue; a worker thread takes up to ``max_batch_size`` of them (waiting at most
 ``batch_window_ms`` for more after the first), groups those that decode alike (greedy, or sampling with
-the same temperature / top-p) and runs each group as one ``generate`` call. The image side comes from the
-cache when the image was seen before: the visual prompt (Q-Former + bridge output), or, for models whose
-Q-Former also reads the prompt, the vision encoder's features. New tokens reach each request as they are
-produced.
+the same temperature / top-p) and runs each group as one ``generate`` call. New tokens reach each request
+as they are produced.
+
+The image side comes from an LRU cache keyed by image hash when the image was seen before:
+
+* decoder-only LLM, visual prompt independent of the text (``bridge.text_input`` off): the visual prompt
+  (Q-Former + bridge output) and the LLM's keys/values over it, so that a follow-up question runs neither
+  the vision encoder nor the LLM over the Q prompt positions, only its own text (``blipkit.serve.prefix``);
+* question-aware bridges (the prompt joins the Q-Former, so the visual prompt depends on the text): the
+  vision encoder's features;
+* encoder-decoder LLMs (T5), or LLMs whose cache cannot be reused that way: the visual prompt only, the LLM
+  reading [visual prompt; text] whole for every question.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from blipkit.api import Model
 from blipkit.processing import load_image
-from blipkit.serve.cache import FeatureCache
+from blipkit.serve.cache import FeatureCache, ImageEntry
 from blipkit.serve.errors import APIError
 from blipkit.serve.messages import fit_prompt
+from blipkit.serve.prefix import compute_prefix_kv, generate_after_prefix, row_kv, supports_prefix_kv
 
 log = logging.getLogger("blipkit.serve")
 
@@ -54,7 +63,7 @@ class Job:
     ids: list[int]  # LLM prompt tokens
     prompt: str
     emit: Callable[[tuple[str, Any]], None]
-    features: Tensor | None = None  # cached image features, (1, ...)
+    features: ImageEntry | None = None  # the image's cache entry, when it was cached
     pixels: Tensor | None = None  # (1, 3, S, S) when the image was not cached
     max_tokens: int = 30
     temperature: float | None = None
@@ -94,13 +103,24 @@ class Engine:
     """Runs chat jobs on ``model`` in batches, from a worker thread."""
 
     def __init__(
-        self, model: Model, max_batch_size: int = 8, batch_window_ms: float = 10.0, cache_size: int = 64
+        self,
+        model: Model,
+        max_batch_size: int = 8,
+        batch_window_ms: float = 10.0,
+        cache_size: int = 64,
+        cache_bytes: int | None = None,
+        prefix_kv: bool = True,
     ):
+        """Keeps ``cache_size`` images cached (and at most ``cache_bytes`` of tensors, if given).
+
+        With ``prefix_kv`` an entry also holds the LLM's keys/values over the visual prompt, where the model
+        allows it (see ``blipkit.serve.prefix``).
+        """
         model._require_llm()
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
         self.batch_window = max(0.0, batch_window_ms) / 1000
-        self.cache = FeatureCache(cache_size)
+        self.cache = FeatureCache(cache_size, cache_bytes)
         self.lock = threading.Lock()  # one model call at a time (generation, embeddings)
         self.batches = 0
         self.largest_batch = 0
@@ -112,6 +132,8 @@ class Engine:
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # with question-aware queries the visual prompt depends on the text: cache the ViT features instead
         self.question_aware = bool(model.config.bridge.text_input)
+        # worth it only when entries are kept: the prefix run once per image instead of once per question
+        self.prefix_kv = prefix_kv and self.cache.capacity > 0 and supports_prefix_kv(model.model)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,7 +182,7 @@ class Engine:
             )
         return text, tok(text)["input_ids"][-budget:]
 
-    def cached(self, key: str) -> Tensor | None:
+    def cached(self, key: str) -> ImageEntry | None:
         return self.cache.get(key)
 
     def pixels(self, data: bytes) -> Tensor:
@@ -189,7 +211,8 @@ class Engine:
         return done.result()
 
     def stats(self) -> dict[str, Any]:
-        return {"batches": self.batches, "largest_batch": self.largest_batch, "cache": self.cache.stats()}
+        cache = {**self.cache.stats(), "prefix_kv": self.prefix_kv}
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "cache": cache}
 
     # --- worker side ------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -214,9 +237,8 @@ class Engine:
                 self._run(list(group))
 
     @torch.inference_mode()
-    def _features(self, jobs: list[Job]) -> list[Tensor]:
-        """Image features per job: from the job, the cache, or one vision pass over the new images."""
-        blip = self.model.model
+    def _entries(self, jobs: list[Job]) -> list[ImageEntry]:
+        """The cache entry of each job's image: from the job, the cache, or one pass over the new images."""
         todo: dict[str, Tensor] = {}
         for job in jobs:
             if job.features is None and job.key not in todo:
@@ -225,21 +247,34 @@ class Engine:
                     job.features = found
                 else:
                     todo[job.key] = job.pixels
-        if todo:
-            embeds = blip.encode_image(torch.cat(list(todo.values())).to(self.model.device))
-            feats = embeds if self.question_aware else blip.visual_prompt(embeds)
-            for i, key in enumerate(todo):
-                self.cache.put(key, feats[i : i + 1].clone())
-                todo[key] = feats[i : i + 1]
-        return [job.features if job.features is not None else todo[job.key] for job in jobs]
+        new = dict(zip(todo, self._encode(list(todo.values())), strict=True)) if todo else {}
+        for key, entry in new.items():
+            self.cache.put(key, entry)
+        return [job.features if job.features is not None else new[job.key] for job in jobs]
 
-    def _batch_ids(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+    def _encode(self, pixels: list[Tensor]) -> list[ImageEntry]:
+        """Entries for new images (1, 3, S, S) each, from one vision (+ Q-Former, + LLM prefix) pass."""
+        blip = self.model.model
+        embeds = blip.encode_image(torch.cat(pixels).to(self.model.device))  # (n, P, Dv)
+        n = embeds.shape[0]
+        if self.question_aware:
+            return [ImageEntry(embeds[i : i + 1].clone()) for i in range(n)]
+        prefix = blip._prefix(None, image_embeds=embeds)  # (n, Q, Dl) in the LLM's dtype
+        kv = compute_prefix_kv(blip.llm, prefix) if self.prefix_kv else None
+        if self.prefix_kv and kv is None:
+            log.info("the LLM's cache cannot hold a reusable prefix: caching the visual prompt only")
+            self.prefix_kv = False
+        return [ImageEntry(prefix[i : i + 1].clone(), row_kv(kv, i) if kv else None) for i in range(n)]
+
+    def _batch_ids(self, rows: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:
+        """Token ids and mask (B, T), padded on the right, or on the ``left``."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+            span = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, span] = torch.tensor(r, dtype=torch.long)
+            mask[i, span] = 1
         return ids.to(self.model.device), mask.to(self.model.device)
 
     def _run(self, jobs: list[Job]) -> None:
@@ -260,18 +295,7 @@ class Engine:
             options.update(temperature=first.sampling[1], top_p=first.sampling[2], top_k=0)
         try:
             with self.lock:
-                feats = torch.cat(self._features(jobs))
-                ids, mask = self._batch_ids([j.ids for j in jobs])
-                if self.question_aware:
-                    q_ids, q_mask = self._qformer_ids([j.prompt for j in jobs])
-                    visual = {
-                        "image_embeds": feats,
-                        "qformer_input_ids": q_ids,
-                        "qformer_attention_mask": q_mask,
-                    }
-                else:
-                    visual = {"prefix": feats}
-                self.model.model.generate(None, ids, mask, **visual, **options)
+                self._generate(jobs, self._entries(jobs), options)
             for job in jobs:
                 if not job.finished:
                     self._finish(job, "length")
@@ -281,6 +305,22 @@ class Engine:
                 if not job.finished:
                     job.finished = True
                     self._emit(job, ("error", e))
+
+    def _generate(self, jobs: list[Job], entries: list[ImageEntry], options: dict[str, Any]) -> None:
+        """One ``generate`` call for the batch; tokens reach the jobs through the stopping criteria."""
+        feats = torch.cat([e.features for e in entries])  # (B, Q, Dl) or (B, P, Dv)
+        rows = [j.ids for j in jobs]
+        if all(e.kv is not None for e in entries) and all(rows):
+            ids, mask = self._batch_ids(rows, left=True)  # the prefix comes first, from the cache
+            generate_after_prefix(self.model.model, feats, [e.kv for e in entries], ids, mask, **options)
+            return
+        ids, mask = self._batch_ids(rows)
+        if self.question_aware:
+            q_ids, q_mask = self._qformer_ids([j.prompt for j in jobs])
+            visual = {"image_embeds": feats, "qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}
+        else:
+            visual = {"prefix": feats}
+        self.model.model.generate(None, ids, mask, **visual, **options)
 
     def _qformer_ids(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         enc = self.model.qformer_tokenizer(texts, padding=True, return_tensors="pt")

@@ -1,0 +1,102 @@
+"""The LLM's keys and values over the visual prompt, computed once per image and reused for every question.
+
+With a decoder-only LLM and a visual prompt that does not read the question (``bridge.text_input`` off), the
+visual prompt always fills positions 0..Q-1 of the LLM sequence, so its keys and values in every layer are
+the same whatever text follows. ``compute_prefix_kv`` computes them for new images; ``generate_after_prefix``
+stacks the cached rows of a batch into a fresh ``DynamicCache`` and lets transformers' ``generate`` run the
+LLM over the text tokens only, with this layout (left-padded text, padding between the prefix and the text)::
+
+    [visual prompt, Q, from the cache][pad ..., mask 0][text]
+
+Position ids come from the attention mask's cumulative sum, so every row's prefix sits at 0..Q-1 and its text
+continues at Q whatever its length: learned positions (OPT) and rotary ones (Llama) see the same positions as
+in the uncached layout ``[pad ...][visual prompt][text]`` of ``Blip2.generate``, and the padding is masked
+out, so both give the same logits. Models outside that case (question-aware bridges, encoder-decoder LLMs,
+LLMs whose cache is not a plain per-layer key/value store) are not served from here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from blipkit.models.blip2 import Blip2
+
+KV = tuple[tuple[Tensor, Tensor], ...]  # per LLM layer: (keys, values), each (n, H, Q, d)
+
+
+def supports_prefix_kv(blip: Blip2) -> bool:
+    """True when the visual prompt's keys/values can be cached: decoder-only LLM, text-independent prompt."""
+    if not blip.has_llm or blip.is_encoder_decoder or blip.config.bridge.text_input:
+        return False
+    gen = getattr(blip.llm, "generation_config", None)
+    return getattr(gen, "cache_implementation", None) is None  # generate refuses a cache object otherwise
+
+
+def _cache_arg(llm: nn.Module) -> str:
+    """The name under which ``llm`` takes its key/value cache (it changed within transformers 5.x)."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _new_cache(llm: nn.Module) -> DynamicCache:
+    return DynamicCache(config=llm.config.get_text_config(decoder=True))
+
+
+@torch.inference_mode()
+def compute_prefix_kv(llm: nn.Module, prefix: Tensor) -> KV | None:
+    """Keys/values of every LLM layer over ``prefix`` (n, Q, D) at positions 0..Q-1.
+
+    None when the LLM's cache is not a plain per-layer store of all Q positions (linear attention, shared
+    layers, a sliding window shorter than Q): such models cannot reuse a cached prefix.
+    """
+    n, Q = prefix.shape[:2]
+    cache = _new_cache(llm)
+    mask = torch.ones(n, Q, dtype=torch.long, device=prefix.device)
+    params = inspect.signature(llm.forward).parameters
+    kwargs: dict[str, Any] = {_cache_arg(llm): cache}
+    if "position_ids" in params:
+        kwargs["position_ids"] = torch.arange(Q, device=prefix.device)[None].expand(n, -1)
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # the logits are not needed: project one position only
+    llm(inputs_embeds=prefix, attention_mask=mask, use_cache=True, **kwargs)
+    layers = getattr(cache, "layers", [])
+    plain = (DynamicLayer, DynamicSlidingWindowLayer)
+    if not layers or any(type(layer) not in plain or layer.keys.shape[-2] != Q for layer in layers):
+        return None
+    return tuple((layer.keys, layer.values) for layer in layers)
+
+
+def row_kv(kv: KV, i: int) -> KV:
+    """Row ``i`` of a batched ``kv`` as its own tensors (1, H, Q, d), sharing no storage with the batch."""
+    return tuple((k[i : i + 1].clone(), v[i : i + 1].clone()) for k, v in kv)
+
+
+def stack_kv(llm: nn.Module, rows: Sequence[KV]) -> DynamicCache:
+    """A fresh batch cache holding ``rows`` in order; generation grows it, never the rows themselves."""
+    cache = _new_cache(llm)
+    for i, layer in enumerate(zip(*rows, strict=True)):  # layer: one (keys, values) per row
+        cache.update(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]), i)  # (B, H, Q, d)
+    return cache
+
+
+@torch.inference_mode()
+def generate_after_prefix(
+    blip: Blip2, prefix: Tensor, rows: Sequence[KV], input_ids: Tensor, attention_mask: Tensor, **kwargs: Any
+) -> Any:
+    """transformers' ``generate`` after each row's cached visual prompt, running the LLM over the text only.
+
+    ``prefix`` (B, Q, D) is the visual prompt whose keys/values are ``rows``; ``input_ids`` and
+    ``attention_mask`` (B, T) are the text prompts, padded on the left, at least one real token per row.
+    ``kwargs`` go to ``generate`` (``max_new_tokens``, ``do_sample``, ``stopping_criteria``, ...); its output
+    is returned.
+    """
+    embeds, mask = blip._inputs(prefix, input_ids, attention_mask)  # (B, Q+T, D), (B, Q+T)
+    cache = {_cache_arg(blip.llm): stack_kv(blip.llm, rows)}
+    # generate slices the embeddings past the cached length: only [pad ...][text] runs through the LLM
+    return blip.llm.generate(inputs_embeds=embeds, attention_mask=mask, **cache, **kwargs)
