@@ -11,12 +11,14 @@ same prompt and ``max_new_tokens`` for all. Images are JPEG files on disk: every
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "a photo of"
 WORDS = ["a", "photo", "of"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_tokenizer(vocab_size: int):
@@ -94,6 +97,24 @@ def build(path: Path, seed: int = 0):
     return model, processor
 
 
+def easy_vqa_images(n: int) -> list[Path]:
+    """The first ``n`` easy-VQA test images (shapes the default model was trained on)."""
+    import easy_vqa
+
+    paths = easy_vqa.get_test_image_paths()
+    return [Path(paths[i]) for i in sorted(paths)[:n]]
+
+
+def cpu_bf16() -> str:
+    """Whether this CPU multiplies bf16 natively (otherwise bf16 is emulated and slow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join(found) or "none (emulated)"
+
+
 def make_images(folder: Path, n: int) -> list[Path]:
     """``n`` 640x480 JPEGs: smooth colour fields with noise, like photos in size and decode cost."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,13 +143,13 @@ def hf_captions(model, processor, files: list[Path], batch_size: int, max_new_to
 
 
 def blipkit_captions(
-    model, files: list[Path], batch_size: int, max_new_tokens: int, workers: int
+    model, files: list[Path], batch_size: int, max_new_tokens: int, workers: int, prompt: str | None = PROMPT
 ) -> list[str]:
     """blipkit's batch engine: lazy batches decoded in DataLoader workers, the lean greedy loop."""
     from blipkit.batch.decode import batches
     from blipkit.batch.generate import Captioner
 
-    captioner = Captioner(model, PROMPT, max_new_tokens)
+    captioner = Captioner(model, prompt, max_new_tokens)
     items = ((str(f), str(f)) for f in files)
     out = []
     for batch in batches(model.processor, items, batch_size, workers):
@@ -142,6 +163,27 @@ def timed(fn, n_images: int) -> tuple[float, list[str]]:
     return n_images / (time.perf_counter() - start), caps
 
 
+def default_model_runs(files: list[Path], batch_size: int, max_new_tokens: int, dtype: str) -> dict:
+    """The embedded default model: blipkit's batch engine vs ``Model.caption``, whose decoding is
+    transformers' ``generate`` over the same LLM (transformers has no class for this model)."""
+    import blipkit
+
+    model = blipkit.load("default", dtype=dtype)
+
+    def generic():
+        out = []
+        for i in range(0, len(files), batch_size):
+            out.extend(
+                model.caption([str(f) for f in files[i : i + batch_size]], max_new_tokens=max_new_tokens)
+            )
+        return out
+
+    def engine():
+        return blipkit_captions(model, files, batch_size, max_new_tokens, 1, prompt=None)
+
+    return {f"default_generate_{dtype}": generic, f"default_engine_{dtype}": engine}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=16, help="images for the batched rates")
@@ -149,45 +191,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1, help="decoding processes for blipkit")
-    ap.add_argument("--threads", default="1,2", help="torch thread counts to try for blipkit")
-    ap.add_argument("--hf-threads", default="1", help="extra thread counts to try for transformers batched")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes of the frozen parts, both sides")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best round counts")
+    ap.add_argument("--no-default", action="store_true", help="skip the embedded default model rows")
     ap.add_argument("--report", action="store_true", help="write reports/caption-throughput.md")
     args = ap.parse_args(argv)
 
     import blipkit
 
-    default_threads = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp(prefix="caption-bench-"))
-    hf, processor = build(tmp / "model")
-    ours = blipkit.load(tmp / "model")
+    hf32, processor = build(tmp / "model")
     files = make_images(tmp / "images", max(args.images, args.single_images))
     B, N = args.batch_size, args.max_new_tokens
-    thread_options = [int(t) for t in args.threads.split(",")]
-    hf_threads = [int(t) for t in args.hf_threads.split(",") if t and int(t) != default_threads]
-
-    def hf_with(threads, batch_size, n):
-        def run():
-            torch.set_num_threads(threads)
-            return hf_captions(hf, processor, files[:n], batch_size, N)
-
-        return run
-
-    def blipkit_with(threads):
-        def run():
-            torch.set_num_threads(threads)
-            return blipkit_captions(ours, files[: args.images], B, N, args.workers)
-
-        return run
-
-    runs = {
-        "hf_batched": (hf_with(default_threads, B, args.images), args.images),
-        "hf_single": (hf_with(default_threads, 1, args.single_images), args.single_images),
-    }
-    runs.update({f"hf_batched_t{t}": (hf_with(t, B, args.images), args.images) for t in hf_threads})
-    runs.update({f"blipkit_t{t}": (blipkit_with(t), args.images) for t in thread_options})
-    hf_captions(hf, processor, files[:2], 2, 2)  # warm-up: first-call allocations, lazy imports
-    blipkit_captions(ours, files[:2], 2, 2, 0)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    runs: dict[str, tuple] = {}
+    for d in dtypes:
+        hf = hf32 if d == "fp32" else copy.deepcopy(hf32).to(DTYPES[d])
+        ours = blipkit.load(tmp / "model", dtype=d)
+        runs[f"hf_batched_{d}"] = (
+            partial(hf_captions, hf, processor, files[: args.images], B, N),
+            args.images,
+        )
+        runs[f"hf_single_{d}"] = (
+            partial(hf_captions, hf, processor, files[: args.single_images], 1, N),
+            args.single_images,
+        )
+        runs[f"blipkit_{d}"] = (
+            partial(blipkit_captions, ours, files[: args.images], B, N, args.workers),
+            args.images,
+        )
+        hf_captions(hf, processor, files[:2], 2, 2)  # warm-up: first-call allocations, lazy imports
+        blipkit_captions(ours, files[:2], 2, 2, 0)
+    if not args.no_default:
+        shapes = easy_vqa_images(args.images)
+        for d in dtypes:
+            for name, fn in default_model_runs(shapes, B, N, d).items():
+                fn()  # warm-up (and the one-time extraction of the frozen parts)
+                runs[name] = (fn, len(shapes))
     rates: dict[str, list[float]] = {k: [] for k in runs}
     captions: dict[str, list[str]] = {}
     for r in range(args.repeats):
@@ -195,39 +235,60 @@ def main(argv: list[str] | None = None) -> int:
             rate, caps = timed(fn, n)
             rates[name].append(rate)
             captions[name] = caps
-            print(f"round {r}: {name:<12} {rate:7.3f} img/s", file=sys.stderr, flush=True)
-    torch.set_num_threads(default_threads)
+            print(f"round {r}: {name:<22} {rate:7.3f} img/s", file=sys.stderr, flush=True)
 
     best = {k: max(v) for k, v in rates.items()}
-    ours_key = max((k for k in best if k.startswith("blipkit")), key=best.get)
-    hf_key = max((k for k in best if k.startswith("hf_batched")), key=best.get)
-    agree = statistics.mean(a == b for a, b in zip(captions[ours_key], captions["hf_batched"], strict=True))
+
+    def agree(a: str, b: str) -> float:
+        return statistics.mean(x == y for x, y in zip(captions[a], captions[b], strict=True))
+
     lines = [
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__} (default threads {default_threads}), shared with other jobs",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 matmul support: "
+        f"{cpu_bf16()}",
         f"- command: `python bench/caption_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        f"- batch size {B}, max_new_tokens {N}, greedy, prompt {PROMPT!r}, fp32, {args.images} images "
-        f"(one-at-a-time: {args.single_images}), best of {args.repeats} interleaved rounds",
+        f"- batch size {B}, max_new_tokens {N}, greedy, prompt {PROMPT!r}, {args.images} images "
+        f"(one-at-a-time: {args.single_images}), best of {args.repeats} interleaved rounds; dtype = the "
+        "frozen ViT and LLM (Q-Former and projection stay fp32 in blipkit, follow the dtype in transformers)",
         "",
         "| path | images/s (best) | all rounds |",
         "|---|---|---|",
     ]
     for k, v in rates.items():
         lines.append(f"| {k} | {best[k]:.3f} | {', '.join(f'{x:.3f}' for x in v)} |")
-    lines += [
-        "",
-        f"- blipkit ({ours_key}) / transformers batched: **{best[ours_key] / best['hf_batched']:.2f}x**",
-        f"- blipkit ({ours_key}) / best transformers batched ({hf_key}, same threads tried): "
-        f"**{best[ours_key] / best[hf_key]:.2f}x**",
-        f"- blipkit ({ours_key}) / transformers one at a time: **{best[ours_key] / best['hf_single']:.2f}x**",
-        f"- same caption as transformers batched: {agree:.0%} of images",
-        "- hf_batched / hf_single use torch's default threads; *_tN rows set N threads",
-    ]
+    lines.append("")
+
+    def ratio(a: str, b: str) -> str:
+        return f"**{best[a] / best[b]:.2f}x**"
+
+    for d in dtypes:
+        ours, batched, single = f"blipkit_{d}", f"hf_batched_{d}", f"hf_single_{d}"
+        lines.append(
+            f"- {d}: blipkit / transformers batched {ratio(ours, batched)}, / one at a time "
+            f"{ratio(ours, single)}; same caption as transformers batched: {agree(ours, batched):.0%}"
+        )
+    for d in dtypes:
+        if d != "fp32" and "fp32" in dtypes:
+            ours = f"blipkit_{d}"
+            lines.append(
+                f"- blipkit {d} / transformers fp32 batched {ratio(ours, 'hf_batched_fp32')}, "
+                f"/ one at a time "
+                f"{ratio(ours, 'hf_single_fp32')}; same caption as transformers fp32: "
+                f"{agree(ours, 'hf_batched_fp32'):.0%}"
+            )
+    if not args.no_default:
+        for d in dtypes:
+            g, e = f"default_generate_{d}", f"default_engine_{d}"
+            lines.append(
+                f"- default model {d}: engine / generate {ratio(e, g)}; same caption {agree(e, g):.0%}"
+            )
     text = "\n".join(lines)
     print(text)
     if args.report:
         out = ROOT / "reports" / "caption-throughput.md"
-        out.write_text("# Caption throughput (random BLIP-2, realistic proportions)\n\n" + text + "\n")
+        out.write_text(
+            "# Caption throughput: blipkit batch engine vs transformers' Blip2 generate\n\n" + text + "\n"
+        )
     return 0
 
 

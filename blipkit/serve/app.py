@@ -108,14 +108,16 @@ def create_app(
     max_batch_size: int = 8,
     batch_window_ms: float = 10.0,
     cache_size: int = 64,
+    cache_bytes: int | None = None,
     engine: Engine | None = None,
 ) -> FastAPI:
     """The blipkit server for ``model``. With ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 
+    The image cache keeps ``cache_size`` images (and at most ``cache_bytes`` of tensors, when given).
     ``engine`` lets callers share a batching engine (and its image cache) between apps or scripts.
     """
     if engine is None and model.model.has_llm:
-        engine = Engine(model, max_batch_size, batch_window_ms, cache_size)
+        engine = Engine(model, max_batch_size, batch_window_ms, cache_size, cache_bytes)
     srv = Server(
         model, model_name or model.config.name, api_key, allow_remote_images, max_image_bytes, engine
     )

@@ -25,7 +25,18 @@ def register(subparsers: argparse._SubParsersAction, add_model_args: Callable) -
     p.add_argument(
         "--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests"
     )
-    p.add_argument("--cache-size", type=int, default=64, help="images whose visual features are kept (LRU)")
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        default=64,
+        help="images whose visual prompt (and its LLM keys/values) are kept",
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=None,
+        help="also cap the image cache's tensors at this many MB (LRU)",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -52,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms,
         cache_size=args.cache_size,
+        cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 1024 * 1024),
     )
     print(f"blipkit: serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
