@@ -44,6 +44,13 @@ def left_pack(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
 
 
+def _dense_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: tensor inputs made contiguous. Generation feeds the output projection a strided slice
+    (the last position of each row); on CPU a bf16 matmul with such an input copies the whole weight matrix
+    per call, about 100x slower than the same product on a dense input."""
+    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+
+
 VISUAL_INPUTS = ("image_embeds", "prefix", "qformer_input_ids", "qformer_attention_mask")
 
 
@@ -57,6 +64,9 @@ class Blip2(nn.Module):
         if llm is not None:
             self.bridge = make_bridge(config.bridge, config.qformer.hidden_size)
             self._llm_takes_positions = "position_ids" in inspect.signature(llm.forward).parameters
+            head = llm.get_output_embeddings()
+            if head is not None:
+                head.register_forward_pre_hook(_dense_inputs)
 
     @property
     def has_llm(self) -> bool:
