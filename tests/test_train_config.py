@@ -41,3 +41,13 @@ def test_schedule_and_data_order():
     assert sorted(seen) == list(range(10))  # one epoch covers every example once
     assert list(DataOrder(10, 4, seed=3).examples(2)) == list(order.examples(2))  # depends on (seed, step)
     assert set(order.feature_views(5)) <= {0, 1}
+
+
+def test_loss_weights():
+    cfg = load_config(None, ["--loss_weights=itm=4, itg=0.25"])
+    assert cfg.loss_weight == {"itm": 4.0, "itg": 0.25}
+    assert TrainConfig().loss_weight == {}
+    with pytest.raises(ValueError, match="'itx=1'"):
+        load_config(None, ["--loss_weights=itx=1"])
+    with pytest.raises(ValueError, match="'lots' in 'itm=lots' is not a number"):
+        load_config(None, ["--loss_weights=itm=lots"])

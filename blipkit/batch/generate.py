@@ -1,19 +1,21 @@
 """Batched captioning of preprocessed images: a lean greedy loop over the LLM with a KV cache.
 
 Every row of a batch shares one prompt, so no row is padded; a row that emits EOS is dropped from the batch
-(and from the cache) at once. Beam search, sampling, encoder-decoder LLMs and checkpoints whose generation
-config asks for logit processing go through ``Model.generate`` instead.
+(and from the cache) at once. Where it is exact and pays, the next token comes from a ``GreedyHead`` (a bf16
+pass over the vocabulary, checked in fp32) instead of the full fp32 output projection. Beam search,
+sampling, encoder-decoder LLMs and checkpoints whose generation config asks for logit processing go through
+``Model.generate`` instead.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
 from blipkit.api import Model
+from blipkit.models.greedy_head import greedy_head_for
+from blipkit.models.llm_io import cache_keyword, takes
 
 # generation-config fields that change greedy decoding, with their neutral values
 _NEUTRAL = {
@@ -42,7 +44,14 @@ def plain_greedy_ok(model: Model, num_beams: int) -> bool:
 class Captioner:
     """Captions (B, 3, S, S) pixel batches with ``model``; greedy batches take the lean loop."""
 
-    def __init__(self, model: Model, prompt: str | None = None, max_new_tokens: int = 30, num_beams: int = 1):
+    def __init__(
+        self,
+        model: Model,
+        prompt: str | None = None,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        greedy_head: bool = True,
+    ):
         model._require_llm()
         self.model = model
         self.prompt = prompt if prompt is not None else (model.config.prompts.caption or "")
@@ -55,9 +64,10 @@ class Captioner:
             ids = tok(self.prompt, return_tensors="pt")["input_ids"]  # (1, T): the prompt tokens, BOS first
             self.prompt_ids = ids.to(model.device)
             llm = model.model.llm
-            params = inspect.signature(llm.forward).parameters
-            self._cache_arg = "cache" if "cache" in params else "past_key_values"
-            self._positions = "position_ids" in params
+            self.head = greedy_head_for(llm) if greedy_head else None  # None: argmax of the LLM's logits
+            self._body = llm.base_model if self.head is not None else llm
+            self._cache_arg = cache_keyword(self._body)
+            self._positions = takes(self._body, "position_ids")
 
     def __call__(self, pixel_values: Tensor) -> list[str]:
         if not self.fast:
@@ -65,6 +75,13 @@ class Captioner:
             return self.model.generate(pixel_values, prompts, self.max_new_tokens, self.num_beams)
         tokens = self.greedy(pixel_values.to(self.model.device))
         return [t.strip() for t in self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def _next_tokens(self, step_in: dict, cache: DynamicCache) -> Tensor:
+        """The greedy next token of every row (b,), the cache grown by this step's positions."""
+        kwargs = {**step_in, self._cache_arg: cache, "use_cache": True}
+        if self.head is None:
+            return self._body(**kwargs, logits_to_keep=1).logits[:, -1].argmax(-1)
+        return self.head(self._body(**kwargs)[0][:, -1])  # base model's last hidden state (b, D)
 
     @torch.inference_mode()
     def greedy(self, pixel_values: Tensor) -> list[list[int]]:
@@ -87,8 +104,7 @@ class Captioner:
                 start, n = (0, L) if step == 0 else (L + step - 1, 1)
                 pos = torch.arange(start, start + n, device=embeds.device)
                 step_in["position_ids"] = pos[None].expand(len(alive), -1)
-            logits = llm(**step_in, **{self._cache_arg: cache}, use_cache=True, logits_to_keep=1).logits
-            next_ids = logits[:, -1].argmax(-1)  # (b,)
+            next_ids = self._next_tokens(step_in, cache)  # (b,)
             finished = (
                 next_ids == self.eos if self.eos is not None else torch.zeros_like(next_ids, dtype=bool)
             )

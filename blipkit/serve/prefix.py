@@ -17,7 +17,6 @@ LLMs whose cache is not a plain per-layer key/value store) are not served from h
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from blipkit.models.blip2 import Blip2
+from blipkit.models.llm_io import cache_keyword, takes
 
 KV = tuple[tuple[Tensor, Tensor], ...]  # per LLM layer: (keys, values), each (n, H, Q, d)
 
@@ -37,11 +37,6 @@ def supports_prefix_kv(blip: Blip2) -> bool:
         return False
     gen = getattr(blip.llm, "generation_config", None)
     return getattr(gen, "cache_implementation", None) is None  # generate refuses a cache object otherwise
-
-
-def _cache_arg(llm: nn.Module) -> str:
-    """The name under which ``llm`` takes its key/value cache (it changed within transformers 5.x)."""
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
 def _new_cache(llm: nn.Module) -> DynamicCache:
@@ -58,11 +53,10 @@ def compute_prefix_kv(llm: nn.Module, prefix: Tensor) -> KV | None:
     n, Q = prefix.shape[:2]
     cache = _new_cache(llm)
     mask = torch.ones(n, Q, dtype=torch.long, device=prefix.device)
-    params = inspect.signature(llm.forward).parameters
-    kwargs: dict[str, Any] = {_cache_arg(llm): cache}
-    if "position_ids" in params:
+    kwargs: dict[str, Any] = {cache_keyword(llm): cache}
+    if takes(llm, "position_ids"):
         kwargs["position_ids"] = torch.arange(Q, device=prefix.device)[None].expand(n, -1)
-    if "logits_to_keep" in params:
+    if takes(llm, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # the logits are not needed: project one position only
     llm(inputs_embeds=prefix, attention_mask=mask, use_cache=True, **kwargs)
     layers = getattr(cache, "layers", [])
@@ -97,6 +91,6 @@ def generate_after_prefix(
     is returned.
     """
     embeds, mask = blip._inputs(prefix, input_ids, attention_mask)  # (B, Q+T, D), (B, Q+T)
-    cache = {_cache_arg(blip.llm): stack_kv(blip.llm, rows)}
+    cache = {cache_keyword(blip.llm): stack_kv(blip.llm, rows)}
     # generate slices the embeddings past the cached length: only [pad ...][text] runs through the LLM
     return blip.llm.generate(inputs_embeds=embeds, attention_mask=mask, **cache, **kwargs)

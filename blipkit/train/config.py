@@ -50,6 +50,7 @@ class TrainConfig:
     )
     warm_start_mse_weight: float = 1.0
     stage1_weight: float = 0.0  # stage 2: add the stage-1 losses on captions, to keep the retrieval heads
+    loss_weights: str = ""  # factors per loss in the total, e.g. "itm=4,itg=0.25" (lm warm_start itc itm itg)
     # --- bookkeeping ----------------------------------------------------------------------------------------
     checkpoint_every: int = 200  # steps between resumable checkpoints (and a blipkit checkpoint)
     export_fp16: bool = True  # also write the final blipkit checkpoint's weights as fp16 (``final-fp16``)
@@ -63,9 +64,27 @@ class TrainConfig:
         if self.warm_start_text not in ("caption", "target", "both"):
             raise ValueError(f"warm_start_text must be caption, target or both, got {self.warm_start_text!r}")
         self.betas = tuple(self.betas)
+        self.loss_weight = parse_loss_weights(self.loss_weights)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+LOSS_NAMES = ("lm", "warm_start", "itc", "itm", "itg")
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """``"itm=4,itg=0.25"`` -> {"itm": 4.0, "itg": 0.25}; unknown names and bad numbers are errors."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in LOSS_NAMES:
+            raise ValueError(f"loss_weights: {item!r} is not NAME=FACTOR with NAME one of {LOSS_NAMES}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError as e:
+            raise ValueError(f"loss_weights: {value!r} in {item!r} is not a number") from e
+    return weights
 
 
 def _convert(name: str, value: Any, default: Any, optional: bool) -> Any:

@@ -291,7 +291,7 @@ class Trainer:
                 losses = self._stage1(examples, image_embeds, step)
             else:
                 losses = self._stage2(examples, image_embeds, step)
-        total = sum(losses.values())
+        total = sum(self.cfg.loss_weight.get(k, 1.0) * v for k, v in losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         sum_gradients(self.trainable, self.env)

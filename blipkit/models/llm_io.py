@@ -1,0 +1,17 @@
+"""Small facts about transformers LLM call signatures, shared by the decoding loops."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword under which ``module`` takes its key/value cache (it changed within transformers 5.x)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def takes(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` has a parameter called ``name``."""
+    return name in inspect.signature(module.forward).parameters
