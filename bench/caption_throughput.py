@@ -143,13 +143,19 @@ def hf_captions(model, processor, files: list[Path], batch_size: int, max_new_to
 
 
 def blipkit_captions(
-    model, files: list[Path], batch_size: int, max_new_tokens: int, workers: int, prompt: str | None = PROMPT
+    model,
+    files: list[Path],
+    batch_size: int,
+    max_new_tokens: int,
+    workers: int,
+    prompt: str | None = PROMPT,
+    greedy_head: bool = True,
 ) -> list[str]:
     """blipkit's batch engine: lazy batches decoded in DataLoader workers, the lean greedy loop."""
     from blipkit.batch.decode import batches
     from blipkit.batch.generate import Captioner
 
-    captioner = Captioner(model, prompt, max_new_tokens)
+    captioner = Captioner(model, prompt, max_new_tokens, greedy_head=greedy_head)
     items = ((str(f), str(f)) for f in files)
     out = []
     for batch in batches(model.processor, items, batch_size, workers):
@@ -220,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             partial(blipkit_captions, ours, files[: args.images], B, N, args.workers),
             args.images,
         )
+        if d == "fp32":  # the same loop with the full fp32 output projection at every step
+            runs["blipkit_fp32_full_projection"] = (
+                partial(blipkit_captions, ours, files[: args.images], B, N, args.workers, greedy_head=False),
+                args.images,
+            )
         hf_captions(hf, processor, files[:2], 2, 2)  # warm-up: first-call allocations, lazy imports
         blipkit_captions(ours, files[:2], 2, 2, 0)
     if not args.no_default:
