@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import blipkit
+from blipkit.serve.engine import Engine
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -38,3 +40,28 @@ def test_default_chat_remembers(default):
     chat.send("what shape is in the image?")
     chat.send("what color is the shape?")
     assert [a for _, a in chat.history] == ["triangle", "blue"]
+
+
+def test_default_served_batch_equals_one_by_one(default):
+    """Question-aware queries through the server's lean greedy loop: a batch of mixed prompt lengths (one
+    image cached before) answers as ``ask`` does one question at a time through transformers' ``generate``."""
+    engine = Engine(default, batch_window_ms=500)  # long enough for the four threads to share one batch
+    assert engine.decoder is not None and not engine.prefix_kv  # the visual prompt reads the question
+    asks = [
+        ("red_circle.png", "what shape is in the image?"),
+        ("blue_triangle.png", "what color is the shape?"),
+        ("red_circle.png", "is there a blue shape in the image?"),
+        ("green_rectangle.png", "does the image contain a rectangle?"),
+    ]
+    data = {name: (EXAMPLES / name).read_bytes() for name, _ in asks}
+
+    def ask(name: str, question: str) -> str:
+        text, ids = engine.prompt([], question, 10)
+        return engine.run(data[name], name, ids, text, max_tokens=10).text
+
+    ask("red_circle.png", "what is this?")  # cached from here on
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: ask(*a), asks))
+    engine.stop()
+    assert engine.largest_batch > 1
+    assert answers == [default.ask(EXAMPLES / name, question) for name, question in asks]

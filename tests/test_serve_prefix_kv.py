@@ -153,7 +153,7 @@ def test_cache_hit_skips_vision_and_llm_prefix(opt):
 
     hooks = [
         opt.model.vision.register_forward_hook(lambda *a: vision_calls.append(1)),
-        opt.model.llm.register_forward_pre_hook(record, with_kwargs=True),
+        opt.model.llm.get_decoder().register_forward_pre_hook(record, with_kwargs=True),  # every LLM pass
     ]
     try:
         batch = [(5, QUESTIONS[0], 4), (6, QUESTIONS[1], 4)]

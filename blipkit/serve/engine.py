@@ -33,11 +33,19 @@ from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from blipkit.api import Model
+from blipkit.models.blip2 import left_pack
+from blipkit.models.greedy import GreedyDecoder, plain_greedy
 from blipkit.processing import load_image
 from blipkit.serve.cache import FeatureCache, ImageEntry
 from blipkit.serve.errors import APIError
 from blipkit.serve.messages import fit_prompt
-from blipkit.serve.prefix import compute_prefix_kv, generate_after_prefix, row_kv, supports_prefix_kv
+from blipkit.serve.prefix import (
+    compute_prefix_kv,
+    generate_after_prefix,
+    row_kv,
+    stack_kv,
+    supports_prefix_kv,
+)
 
 log = logging.getLogger("blipkit.serve")
 
@@ -110,11 +118,13 @@ class Engine:
         cache_size: int = 64,
         cache_bytes: int | None = None,
         prefix_kv: bool = True,
+        greedy_head: bool = True,
     ):
         """Keeps ``cache_size`` images cached (and at most ``cache_bytes`` of tensors, if given).
 
         With ``prefix_kv`` an entry also holds the LLM's keys/values over the visual prompt, where the model
-        allows it (see ``blipkit.serve.prefix``).
+        allows it (see ``blipkit.serve.prefix``). Greedy batches of decoder-only LLMs decode in the lean loop,
+        with the exact bf16 ``GreedyHead`` unless ``greedy_head`` is False.
         """
         model._require_llm()
         self.model = model
@@ -134,6 +144,9 @@ class Engine:
         self.question_aware = bool(model.config.bridge.text_input)
         # worth it only when entries are kept: the prefix run once per image instead of once per question
         self.prefix_kv = prefix_kv and self.cache.capacity > 0 and supports_prefix_kv(model.model)
+        blip = model.model
+        lean = not blip.is_encoder_decoder and plain_greedy(blip.llm)
+        self.decoder = GreedyDecoder(blip.llm, greedy_head) if lean else None  # greedy batches, lean loop
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -307,12 +320,26 @@ class Engine:
                     self._emit(job, ("error", e))
 
     def _generate(self, jobs: list[Job], entries: list[ImageEntry], options: dict[str, Any]) -> None:
-        """One ``generate`` call for the batch; tokens reach the jobs through the stopping criteria."""
+        """One decoding run for the batch; tokens reach the jobs as they are produced.
+
+        Greedy batches take the lean loop (``GreedyDecoder``); sampling, and LLMs it does not fit, go through
+        transformers' ``generate`` with the jobs' stopping criteria.
+        """
+        blip = self.model.model
         feats = torch.cat([e.features for e in entries])  # (B, Q, Dl) or (B, P, Dv)
         rows = [j.ids for j in jobs]
+        greedy = self.decoder is not None and not options["do_sample"]
         if all(e.kv is not None for e in entries) and all(rows):
             ids, mask = self._batch_ids(rows, left=True)  # the prefix comes first, from the cache
-            generate_after_prefix(self.model.model, feats, [e.kv for e in entries], ids, mask, **options)
+            kv = [e.kv for e in entries]
+            if not greedy:
+                generate_after_prefix(blip, feats, kv, ids, mask, **options)
+                return
+            full_mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, feats.shape[1]), mask], dim=1)
+            text = blip.llm.get_input_embeddings()(ids)  # (B, T, Dl) after the cached (B, Q) prefix
+            self.decoder.run(
+                text, options["max_new_tokens"], self._row_sink(jobs), stack_kv(blip.llm, kv), full_mask
+            )
             return
         ids, mask = self._batch_ids(rows)
         if self.question_aware:
@@ -320,7 +347,22 @@ class Engine:
             visual = {"image_embeds": feats, "qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}
         else:
             visual = {"prefix": feats}
-        self.model.model.generate(None, ids, mask, **visual, **options)
+        if not greedy:
+            blip.generate(None, ids, mask, **visual, **options)
+            return
+        embeds, full_mask = left_pack(*blip._inputs(blip._prefix(None, **visual), ids, mask))  # padding first
+        self.decoder.run(embeds, options["max_new_tokens"], self._row_sink(jobs), attention_mask=full_mask)
+
+    def _row_sink(self, jobs: list[Job]) -> Callable[[int, int], bool]:
+        """``on_token`` for the lean loop: row i's tokens go to ``jobs[i]``; done once it is finished."""
+
+        def on_token(row: int, token: int) -> bool:
+            job = jobs[row]
+            if not job.finished:
+                self._on_token(job, token)
+            return job.finished or job.cancelled
+
+        return on_token
 
     def _qformer_ids(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         enc = self.model.qformer_tokenizer(texts, padding=True, return_tensors="pt")

@@ -1,0 +1,112 @@
+"""A lean greedy decoding loop for decoder-only LLMs, shared by batch captioning and the server.
+
+Rows start from input embeddings (after an optionally pre-filled key/value cache), take the argmax token at
+every step, and leave the batch and the cache as soon as their caller says they are done, so finished rows
+cost nothing. No logits processors or stopping-criteria machinery run per step; the next token comes from a
+``GreedyHead`` where that is exact and pays (see ``greedy_head_for``), else from the LLM's own logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from blipkit.models.greedy_head import greedy_head_for
+from blipkit.models.llm_io import cache_keyword, takes
+
+OnToken = Callable[[int, int], bool]  # (row, token) -> True when the row is done
+
+# generation-config fields that change greedy decoding, with their neutral values
+_NEUTRAL = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+}
+
+
+def plain_greedy(llm: nn.Module) -> bool:
+    """True when ``llm``'s generation config asks for no logit processing: then ``GreedyDecoder`` gives
+    exactly what transformers' greedy ``generate`` would."""
+    gen = getattr(llm, "generation_config", None)
+    return gen is None or all(getattr(gen, k, None) in ok for k, ok in _NEUTRAL.items())
+
+
+class GreedyDecoder:
+    """Greedy decoding with ``llm``; ``greedy_head=False`` always projects the full vocabulary."""
+
+    def __init__(self, llm: nn.Module, greedy_head: bool = True):
+        self.llm = llm
+        self.head = greedy_head_for(llm) if greedy_head else None  # None: argmax of the LLM's logits
+        self.body = llm.base_model if self.head is not None else llm
+        self.cache_arg = cache_keyword(self.body)
+        self.positions = takes(self.body, "position_ids")
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.llm.config)
+
+    def _next_tokens(self, inputs: dict, cache: DynamicCache) -> Tensor:
+        """The argmax token of every row (b,); the cache grows by this step's positions."""
+        kwargs = {**inputs, self.cache_arg: cache, "use_cache": True}
+        if self.head is None:
+            return self.body(**kwargs, logits_to_keep=1).logits[:, -1].argmax(-1)
+        return self.head(self.body(**kwargs)[0][:, -1])  # the base model's last hidden state (b, D)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        embeds: Tensor,
+        max_new_tokens: int,
+        on_token: OnToken,
+        cache: DynamicCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> None:
+        """Decode after ``embeds`` (B, T, D), handing each new token to ``on_token(row, token)``.
+
+        ``cache`` may already hold the first P positions of every row; ``attention_mask`` (B, P + T) marks
+        padding anywhere in the sequence with 0 (positions then count real tokens only). Without a mask no
+        row is padded.
+        """
+        B, T = embeds.shape[:2]
+        cache = cache if cache is not None else self.new_cache()
+        past = cache.get_seq_length()
+        padded = attention_mask is not None  # without padding the LLM may skip building a mask
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=embeds.device)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P + T)
+        last = positions[:, -1]  # (B,) position of each row's latest token
+        inputs: dict = {"inputs_embeds": embeds}
+        if padded:
+            inputs["attention_mask"] = attention_mask
+        if self.positions:
+            inputs["position_ids"] = positions[:, past:]
+        alive = torch.arange(B)  # the original row of each batch row still decoding
+        for _ in range(max_new_tokens):
+            next_ids = self._next_tokens(inputs, cache)  # (b,)
+            done = torch.tensor(
+                [on_token(row, tok) for row, tok in zip(alive.tolist(), next_ids.tolist(), strict=True)],
+                dtype=torch.bool,
+            )
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    return
+                cache.batch_select_indices(keep.to(next_ids.device))
+                alive, next_ids = alive[keep], next_ids[keep.to(next_ids.device)]
+                attention_mask, last = attention_mask[keep], last[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+            last = last + 1
+            inputs = {"input_ids": next_ids[:, None]}
+            if padded:
+                inputs["attention_mask"] = attention_mask
+            if self.positions:
+                inputs["position_ids"] = last[:, None]
