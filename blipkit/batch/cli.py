@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from blipkit.batch.files import missing_paths
-from blipkit.batch.job import Job
+from blipkit.batch.job import Job, default_workers
 from blipkit.batch.writers import FORMATS, open_sink
 
 EXIT_USAGE = 2
@@ -42,13 +42,13 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
         "--engine", default="local", choices=["local", "ray"], help="local, or Ray Data (many machines)"
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="image decoding processes (default: min(4, CPUs))"
+        "--workers", type=int, default=None, help="image decoding processes (default: one per 4 CPUs, 1 to 4)"
     )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch threads for the model (default: CPUs, less one when decoding in workers)",
+        help="torch threads for the model (default: every CPU)",
     )
     p.add_argument("--concurrency", type=int, default=1, help="ray: number of model actors")
     p.add_argument(
@@ -82,7 +82,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
-        workers=args.workers if args.workers is not None else min(4, os.cpu_count() or 1),
+        workers=args.workers if args.workers is not None else default_workers(),
         threads=args.threads,
         progress=args.progress,
         concurrency=args.concurrency,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,15 @@ from blipkit.batch.files import iter_images, key_of
 from blipkit.batch.writers import Sink
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """Decoding processes: one per four CPUs, at least one (it decodes the next batch during this one)."""
+    return min(4, max(1, usable_cpus() // 4))
 
 
 @dataclass
@@ -28,7 +38,7 @@ class Job:
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     threads: int | None = None
     progress: bool = False
     concurrency: int = 1
