@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="images for the batched rates")
     ap.add_argument("--single-images", type=int, default=4, help="images for the one-at-a-time rate")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--large-batch", type=int, default=32, help="fp32 rows at this batch size too, both sides (0: none)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1, help="decoding processes for blipkit")
     ap.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes of the frozen parts, both sides")
@@ -229,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         if d == "fp32":  # the same loop with the full fp32 output projection at every step
             runs["blipkit_fp32_full_projection"] = (
                 partial(blipkit_captions, ours, files[: args.images], B, N, args.workers, greedy_head=False),
+                args.images,
+            )
+        if d == "fp32" and args.large_batch:  # bandwidth-bound decoding: more rows per read of the weights
+            L = args.large_batch
+            runs[f"hf_batched_fp32_b{L}"] = (
+                partial(hf_captions, hf, processor, files[: args.images], L, N),
+                args.images,
+            )
+            runs[f"blipkit_fp32_b{L}"] = (
+                partial(blipkit_captions, ours, files[: args.images], L, N, args.workers),
                 args.images,
             )
         hf_captions(hf, processor, files[:2], 2, 2)  # warm-up: first-call allocations, lazy imports
@@ -277,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"- {d}: blipkit / transformers batched {ratio(ours, batched)}, / one at a time "
             f"{ratio(ours, single)}; same caption as transformers batched: {agree(ours, batched):.0%}"
+        )
+    if "fp32" in dtypes and args.large_batch:
+        L = args.large_batch
+        ours, theirs = f"blipkit_fp32_b{L}", f"hf_batched_fp32_b{L}"
+        lines.append(
+            f"- fp32 at batch size {L}: blipkit / transformers batched at {L} {ratio(ours, theirs)}, "
+            f"/ transformers one at a time {ratio(ours, 'hf_single_fp32')}; "
+            f"same caption as transformers batched: {agree(ours, theirs):.0%}"
         )
     for d in dtypes:
         if d != "fp32" and "fp32" in dtypes:
