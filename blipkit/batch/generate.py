@@ -16,12 +16,6 @@ from blipkit.api import Model
 from blipkit.models.greedy import GreedyDecoder, plain_greedy
 
 
-def plain_greedy_ok(model: Model, num_beams: int) -> bool:
-    """True when the lean loop gives exactly what transformers' greedy ``generate`` would."""
-    blip = model.model
-    return num_beams == 1 and blip.has_llm and not blip.is_encoder_decoder and plain_greedy(blip.llm)
-
-
 class Captioner:
     """Captions (B, 3, S, S) pixel batches with ``model``; greedy batches take the lean loop."""
 
@@ -38,7 +32,7 @@ class Captioner:
         self.prompt = prompt if prompt is not None else (model.config.prompts.caption or "")
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
-        self.fast = plain_greedy_ok(model, num_beams)
+        self.fast = num_beams == 1 and plain_greedy(model.model)  # the lean loop gives generate's tokens
         tok = model.tokenizer
         self.eos = tok.eos_token_id
         if self.fast:

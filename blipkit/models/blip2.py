@@ -7,7 +7,6 @@ generates (or is trained on) the decoder side.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from blipkit.config import Blip2Config, BridgeConfig
 from blipkit.errors import CapabilityError
+from blipkit.models.llm_io import takes
 from blipkit.models.qformer import QFormer
 
 
@@ -63,7 +63,7 @@ class Blip2(nn.Module):
         self.llm = llm  # None for retrieval-only checkpoints
         if llm is not None:
             self.bridge = make_bridge(config.bridge, config.qformer.hidden_size)
-            self._llm_takes_positions = "position_ids" in inspect.signature(llm.forward).parameters
+            self._llm_takes_positions = takes(llm, "position_ids")
             head = llm.get_output_embeddings()
             if head is not None:
                 head.register_forward_pre_hook(_dense_inputs)

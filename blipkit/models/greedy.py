@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from blipkit.models.blip2 import Blip2
 from blipkit.models.greedy_head import greedy_head_for
-from blipkit.models.llm_io import cache_keyword, takes
+from blipkit.models.llm_io import cache_keyword, new_cache, takes
 
 OnToken = Callable[[int, int], bool]  # (row, token) -> True when the row is done
 
@@ -34,10 +35,12 @@ _NEUTRAL = {
 }
 
 
-def plain_greedy(llm: nn.Module) -> bool:
-    """True when ``llm``'s generation config asks for no logit processing: then ``GreedyDecoder`` gives
-    exactly what transformers' greedy ``generate`` would."""
-    gen = getattr(llm, "generation_config", None)
+def plain_greedy(blip: Blip2) -> bool:
+    """True when ``GreedyDecoder`` gives exactly what transformers' greedy ``generate`` would for ``blip``: a
+    decoder-only LLM whose generation config asks for no logit processing."""
+    if not blip.has_llm or blip.is_encoder_decoder:
+        return False
+    gen = getattr(blip.llm, "generation_config", None)
     return gen is None or all(getattr(gen, k, None) in ok for k, ok in _NEUTRAL.items())
 
 
@@ -50,9 +53,6 @@ class GreedyDecoder:
         self.body = llm.base_model if self.head is not None else llm
         self.cache_arg = cache_keyword(self.body)
         self.positions = takes(self.body, "position_ids")
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.llm.config)
 
     def _next_tokens(self, inputs: dict, cache: DynamicCache) -> Tensor:
         """The argmax token of every row (b,); the cache grows by this step's positions."""
@@ -77,7 +77,7 @@ class GreedyDecoder:
         row is padded.
         """
         B, T = embeds.shape[:2]
-        cache = cache if cache is not None else self.new_cache()
+        cache = cache if cache is not None else new_cache(self.llm)
         past = cache.get_seq_length()
         padded = attention_mask is not None  # without padding the LLM may skip building a mask
         if attention_mask is None:

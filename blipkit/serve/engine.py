@@ -144,9 +144,8 @@ class Engine:
         self.question_aware = bool(model.config.bridge.text_input)
         # worth it only when entries are kept: the prefix run once per image instead of once per question
         self.prefix_kv = prefix_kv and self.cache.capacity > 0 and supports_prefix_kv(model.model)
-        blip = model.model
-        lean = not blip.is_encoder_decoder and plain_greedy(blip.llm)
-        self.decoder = GreedyDecoder(blip.llm, greedy_head) if lean else None  # greedy batches, lean loop
+        blip = model.model  # greedy batches take the lean loop where it gives generate's tokens
+        self.decoder = GreedyDecoder(blip.llm, greedy_head) if plain_greedy(blip) else None
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -335,8 +334,8 @@ class Engine:
             if not greedy:
                 generate_after_prefix(blip, feats, kv, ids, mask, **options)
                 return
-            full_mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, feats.shape[1]), mask], dim=1)
-            text = blip.llm.get_input_embeddings()(ids)  # (B, T, Dl) after the cached (B, Q) prefix
+            embeds, full_mask = blip._inputs(feats, ids, mask)  # (B, Q+T, Dl), (B, Q+T)
+            text = embeds[:, feats.shape[1] :]  # the LLM reads only the text: the prefix is in the cache
             self.decoder.run(
                 text, options["max_new_tokens"], self._row_sink(jobs), stack_kv(blip.llm, kv), full_mask
             )

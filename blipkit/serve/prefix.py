@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from blipkit.models.blip2 import Blip2
-from blipkit.models.llm_io import cache_keyword, takes
+from blipkit.models.llm_io import cache_keyword, new_cache, takes
 
 KV = tuple[tuple[Tensor, Tensor], ...]  # per LLM layer: (keys, values), each (n, H, Q, d)
 
@@ -39,10 +39,6 @@ def supports_prefix_kv(blip: Blip2) -> bool:
     return getattr(gen, "cache_implementation", None) is None  # generate refuses a cache object otherwise
 
 
-def _new_cache(llm: nn.Module) -> DynamicCache:
-    return DynamicCache(config=llm.config.get_text_config(decoder=True))
-
-
 @torch.inference_mode()
 def compute_prefix_kv(llm: nn.Module, prefix: Tensor) -> KV | None:
     """Keys/values of every LLM layer over ``prefix`` (n, Q, D) at positions 0..Q-1.
@@ -51,7 +47,7 @@ def compute_prefix_kv(llm: nn.Module, prefix: Tensor) -> KV | None:
     layers, a sliding window shorter than Q): such models cannot reuse a cached prefix.
     """
     n, Q = prefix.shape[:2]
-    cache = _new_cache(llm)
+    cache = new_cache(llm)
     mask = torch.ones(n, Q, dtype=torch.long, device=prefix.device)
     kwargs: dict[str, Any] = {cache_keyword(llm): cache}
     if takes(llm, "position_ids"):
@@ -73,7 +69,7 @@ def row_kv(kv: KV, i: int) -> KV:
 
 def stack_kv(llm: nn.Module, rows: Sequence[KV]) -> DynamicCache:
     """A fresh batch cache holding ``rows`` in order; generation grows it, never the rows themselves."""
-    cache = _new_cache(llm)
+    cache = new_cache(llm)
     for i, layer in enumerate(zip(*rows, strict=True)):  # layer: one (keys, values) per row
         cache.update(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]), i)  # (B, H, Q, d)
     return cache
