@@ -1,6 +1,7 @@
 """Regenerate ``reports/default-model.md``: the embedded default model on the easy-VQA test split.
 
     python bench/default_model_report.py [--limit 1000] [--images 300] [--out reports/default-model.md]
+                                         [--model CHECKPOINT_DIR]   (a candidate instead of the shipped one)
 
 ``--limit`` questions per VQA row (0 = all 9,673), ``--images`` test images for captioning, retrieval and
 zero-shot classification. Training figures come from ``reports/default-training.json`` (written from the
@@ -204,10 +205,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--out", default=str(ROOT / "reports" / "default-model.md"))
+    p.add_argument("--model", default=str(ROOT / "blipkit" / "weights" / "default"), help="checkpoint dir")
     args = p.parse_args()
     start = time.perf_counter()
-    model = blipkit.load("default")
-    ckpt = str(ROOT / "blipkit" / "weights" / "default")
+    model = blipkit.load(args.model)
+    ckpt = args.model
     vqa = {"default model": evaluate(ckpt, limit=args.limit)}
     for variant, name in (
         ("bigger", "held out: 200×200 images"),

@@ -189,9 +189,14 @@ class Model:
             rows.append(logits.softmax(dim=-1)[:, 1].view(b, M))
         return torch.cat(rows).float()
 
-    def classify(self, images: Images, labels: Sequence[str], template: str = "{}") -> list[dict[str, float]]:
-        """Zero-shot classification: softmax over labels of ITC similarity / temperature."""
+    def classify(
+        self, images: Images, labels: Sequence[str], template: str | None = None
+    ) -> list[dict[str, float]]:
+        """Zero-shot classification: softmax over labels of ITC similarity / temperature.
+
+        ``template`` (e.g. "a photo of {}") wraps each label; default: the model's ``prompts.classify``."""
         labels = list(labels)
+        template = self.config.prompts.classify if template is None else template
         if not labels:
             raise ValueError("classify needs at least one label")
         sims = self.similarity(images, [build_prompt(template, label) for label in labels])

@@ -76,6 +76,7 @@ class PromptConfig:
     vqa: str = "Question: {} Answer:"
     chat_separator: str = " "
     vqa_max_new_tokens: int = 10
+    classify: str = "a photo of {}"  # zero-shot label template (measure per model: bench/retrieval_goals.py)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 # Train the embedded default model on easy-VQA (CPU, about an hour) and ship it to blipkit/weights/default.
 #   1. stage 1 (ITC/ITM/ITG) on derived captions, Q-Former started from all-MiniLM-L6-v2
 #   2. stage 2: caption/answer warm start, then the LM loss through frozen SmolLM2 (question-aware queries)
-#   3. a short stage-1 pass that trains only the retrieval heads (ITC/ITM) on the stage-2 Q-Former, so the
+#   3. image-text matching (ITM with hard negatives) on the stage-2 Q-Former, held to stage 2's visual
+#      prompts by the keep loss (no LLM forward), so the answers stay as they were
+#   4. a short stage-1 pass that trains only the ITC projections and temperature on that Q-Former, so the
 #      shipped checkpoint answers questions and also embeds / matches / classifies
 # Usage: scripts/train_default.sh [RUN_DIR]   (re-running continues an interrupted stage with --resume)
 set -euo pipefail
@@ -13,8 +15,11 @@ resume_flag() { [ -f "$1/resume.pt" ] && echo --resume || true; }
     --out "$RUN/stage1" $(resume_flag "$RUN/stage1")
 [ -d "$RUN/stage2/final" ] || python -m blipkit.train stage2 --config configs/default_stage2.json \
     --out "$RUN/stage2" --init_from="$RUN/stage1/final" $(resume_flag "$RUN/stage2")
+[ -d "$RUN/stage2_itm/final" ] || python -m blipkit.train stage2 --config configs/default_stage2_itm.json \
+    --out "$RUN/stage2_itm" --init_from="$RUN/stage2/final" --teacher="$RUN/stage2/final" \
+    $(resume_flag "$RUN/stage2_itm")
 [ -d "$RUN/stage1_heads/final-fp16" ] || python -m blipkit.train stage1 \
-    --config configs/default_stage1_heads.json --out "$RUN/stage1_heads" --init_from="$RUN/stage2/final" \
+    --config configs/default_stage1_heads.json --out "$RUN/stage1_heads" --init_from="$RUN/stage2_itm/final" \
     $(resume_flag "$RUN/stage1_heads")
 
 mkdir -p blipkit/weights/default

@@ -114,6 +114,17 @@ def test_retrieval_api(retrieval_dir, images):
     assert match.shape == (3, 3) and bool(((match >= 0) & (match <= 1)).all())
 
 
+def test_classify_template_defaults_to_the_models_own(retrieval_dir, images):
+    _, paths = images
+    m = blipkit.load(retrieval_dir)
+    labels = ["red", "dog"]
+    assert m.config.prompts.classify == "a photo of {}"  # the BLIP-2 default
+    assert m.classify(paths, labels) == m.classify(paths, labels, template="a photo of {}")
+    m.config.prompts.classify = "{}"
+    assert m.classify(paths, labels) == m.classify(paths, labels, template="{}")
+    assert m.classify(paths, labels) != m.classify(paths, labels, template="a photo of {}")
+
+
 # --- CLI ------------------------------------------------------------------------------------------------
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:

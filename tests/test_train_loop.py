@@ -247,3 +247,39 @@ def test_trainable_prefixes_freeze_the_rest(tiny, tmp_path):
     before, after = _weights(tmp_path / "base"), _weights(tmp_path / "heads")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"qformer.text_proj.weight", "qformer.text_proj.bias", "qformer.temp"}
+
+
+def test_keep_loss_holds_the_visual_prompt_to_the_teacher(tiny, tmp_path):
+    base = _train(tiny, tmp_path / "base", max_steps=1, stage1_weight=0)
+    cfg = load_config(
+        None,
+        _overrides(
+            tiny,
+            init_from=base,
+            teacher=base,
+            warm_start_steps=0,
+            loss_weights="lm=0,itc=0,itg=0,itm=4,keep=10",
+            max_steps=3,
+        ),
+        stage="stage2",
+    )
+    trainer = Trainer(cfg, tmp_path / "keep", env=DistEnv())
+    llm_calls = []
+    trainer.model.llm.register_forward_pre_hook(lambda *args: llm_calls.append(1))
+    trainer.model.llm.base_model.register_forward_pre_hook(lambda *args: llm_calls.append(1))
+    trainer.run()
+    rows = _losses(tmp_path / "keep")
+    assert "lm" not in rows[0] and llm_calls == []  # a loss weighted 0 is not computed
+    assert float(rows[0]["keep"]) == 0.0  # the run starts from the teacher itself
+    assert float(rows[-1]["keep"]) > 0.0  # ITM moved the Q-Former, and the keep loss sees it
+    expected = 4 * float(rows[-1]["itm"]) + 10 * float(rows[-1]["keep"])  # itc and itg weighted 0
+    assert float(rows[-1]["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_keep_loss_and_weights_are_checked(tiny, tmp_path):
+    with pytest.raises(ValueError, match="stage 2"):
+        load_config(None, _overrides(tiny, teacher=tiny), stage="stage1")
+    with pytest.raises(ValueError, match="no loss"):
+        _train(tiny, tmp_path / "none", stage1_weight=0, warm_start_steps=0, loss_weights="lm=0")
+    with pytest.raises(Exception, match="no \\*.safetensors weights in .*nowhere"):
+        _train(tiny, tmp_path / "missing", teacher=tmp_path / "nowhere")

@@ -95,3 +95,24 @@ def caption_examples(split: str) -> list[CaptionExample]:
     questions, answers, image_ids, paths = _load(split)
     attributes = derive_attributes(questions, answers, image_ids)
     return [CaptionExample(paths[i], caption_for(a)) for i, a in sorted(attributes.items()) if a]
+
+
+def retrieval_set(split: str, limit: int | None = None) -> tuple[list[str], list[str], list[list[bool]]]:
+    """Images whose colour and shape are both known, every caption the grammar makes ("a red circle",
+    "a red shape", "a circle") and their relevance (N_img x N_txt): a caption fits an image when each
+    attribute it names is the image's. ``limit``: the first N such images.
+
+    Relevance by attribute, not by caption string: "a red shape" describes every red image, and an image
+    whose shape no question reveals could not be judged against "a red circle", so it is left out."""
+    questions, answers, image_ids, paths = _load(split)
+    attributes = derive_attributes(questions, answers, image_ids)
+    known = [(paths[i], a) for i, a in sorted(attributes.items()) if len(a) == 2][:limit]
+    texts = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [f"a {c} shape" for c in COLORS]
+    texts += [f"a {s}" for s in SHAPES]
+
+    def fits(text: str, a: dict[str, str]) -> bool:
+        words = text.split()[1:]
+        color = words[0] if words[0] in COLORS else None
+        return color in (None, a["color"]) and words[-1] in ("shape", a["shape"])
+
+    return [p for p, _ in known], texts, [[fits(t, a) for t in texts] for _, a in known]

@@ -39,7 +39,11 @@ def register(subparsers, add_model_args) -> None:
     p = subparsers.add_parser("classify", help="zero-shot classification against comma-separated labels")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--labels", required=True, help='e.g. "a cat,a dog"')
-    p.add_argument("--template", default=None, help="prompt template for labels, e.g. 'a photo of {}'")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="label template, e.g. 'a photo of {}' (default: the model's prompts.classify)",
+    )
     p.add_argument("--recursive", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     _finish(p, add_model_args, cmd_classify)
@@ -129,7 +133,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from blipkit.retrieval.zero_shot import DEFAULT_TEMPLATE, classify_files, parse_labels
+    from blipkit.retrieval.zero_shot import classify_files, parse_labels
 
     labels = parse_labels(args.labels)
     files = list(iter_images(args.images, args.recursive))
@@ -137,7 +141,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise UsageError("no images found")
     model = _load(args)
     failed = 0
-    for row in classify_files(model, files, labels, args.template or DEFAULT_TEMPLATE, args.batch_size):
+    for row in classify_files(model, files, labels, args.template, args.batch_size):
         failed += "error" in row
         print(json.dumps(row), flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-__all__ = ["DEFAULT_TEMPLATE", "classify_files", "parse_labels"]
-
-# bench/retrieval_goals.py, shapes of 194 easy-VQA test images, default model: "a photo of {}" 0.933,
-# "{}" 0.928
-# ("a {}" 0.985 suits bare nouns, but a label such as "a cat" would read "a a cat")
-DEFAULT_TEMPLATE = "a photo of {}"
+__all__ = ["classify_files", "parse_labels"]
 
 
 def parse_labels(text: str) -> list[str]:
@@ -21,9 +16,11 @@ def parse_labels(text: str) -> list[str]:
 
 
 def classify_files(
-    model, files: Sequence, labels: Sequence[str], template: str = DEFAULT_TEMPLATE, batch_size: int = 16
+    model, files: Sequence, labels: Sequence[str], template: str | None = None, batch_size: int = 16
 ) -> Iterator[dict]:
-    """One row per file: ``{"path", "label", "score", "probs"}`` or ``{"path", "error"}``."""
+    """One row per file: ``{"path", "label", "score", "probs"}`` or ``{"path", "error"}``.
+
+    ``template``: None for the model's own (``prompts.classify``)."""
     from blipkit.processing import ImageError, load_image
 
     for i in range(0, len(files), batch_size):

@@ -20,6 +20,7 @@ class TrainConfig:
     stage: str = "stage2"  # "stage1" (ITC/ITM/ITG, no LLM) or "stage2" (LM loss through the frozen LLM)
     model: str = "default"  # architecture: a name in blipkit/configs or a model-config JSON file
     init_from: str | None = None  # blipkit checkpoint dir whose Q-Former (and bridge) start the run
+    teacher: str | None = None  # stage 2: checkpoint whose visual prompts the "keep" loss holds the run to
     qformer_init: str | None = "asset:all-minilm-l6-v2"  # BERT dir for the Q-Former (unused with init_from)
     trainable: str = ""  # comma-separated name prefixes to train (e.g. "qformer.text_proj"); "": all
     # --- data -----------------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ class TrainConfig:
     )
     warm_start_mse_weight: float = 1.0
     stage1_weight: float = 0.0  # stage 2: add the stage-1 losses on captions, to keep the retrieval heads
-    loss_weights: str = ""  # factors per loss in the total, e.g. "itm=4,itg=0.25" (lm warm_start itc itm itg)
+    loss_weights: str = ""  # factors per loss, e.g. "itm=4,lm=0" (lm warm_start keep itc itm itg); 0: skipped
     # --- bookkeeping ----------------------------------------------------------------------------------------
     checkpoint_every: int = 200  # steps between resumable checkpoints (and a blipkit checkpoint)
     export_fp16: bool = True  # also write the final blipkit checkpoint's weights as fp16 (``final-fp16``)
@@ -65,12 +66,14 @@ class TrainConfig:
             raise ValueError(f"warm_start_text must be caption, target or both, got {self.warm_start_text!r}")
         self.betas = tuple(self.betas)
         self.loss_weight = parse_loss_weights(self.loss_weights)
+        if self.teacher and self.stage != "stage2":
+            raise ValueError("teacher (the keep loss) is a stage 2 option")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-LOSS_NAMES = ("lm", "warm_start", "itc", "itm", "itg")
+LOSS_NAMES = ("lm", "warm_start", "keep", "itc", "itm", "itg")
 
 
 def parse_loss_weights(text: str) -> dict[str, float]:

@@ -32,7 +32,14 @@ from blipkit.train.features import cached_features
 from blipkit.train.init import init_qformer_from_bert
 from blipkit.train.schedule import DataOrder, lr_factor
 from blipkit.train.stage1 import TextBatch, stage1_losses
-from blipkit.train.stage2 import decoder_lm_loss, prefix_lm_loss, slot_targets, warm_start_loss
+from blipkit.train.stage2 import (
+    decoder_lm_loss,
+    embedding_scale,
+    prefix_lm_loss,
+    relative_distance,
+    slot_targets,
+    warm_start_loss,
+)
 
 RESUME_FILE = "resume.pt"
 LOSSES_FILE = "losses.csv"
@@ -55,15 +62,31 @@ def build_training_model(cfg: TrainConfig, model_cfg: Blip2Config) -> Blip2:
     llm = loading.build_llm(model_cfg.llm, None, None, torch.float32)
     model = Blip2(model_cfg, nn.Identity(), llm)  # images come from the feature cache
     if cfg.init_from:
-        trained = loading.read_state_dict(Path(cfg.init_from) / loading.BRIDGE_FILE)
-        qformer = {k[len("qformer.") :]: v.float() for k, v in trained.items() if k.startswith("qformer.")}
-        loading.load_strict(model.qformer, qformer, f"Q-Former weights of {cfg.init_from}")
-        bridge = {k[len("bridge.") :]: v.float() for k, v in trained.items() if k.startswith("bridge.")}
-        if bridge and model.has_llm:
-            loading.load_strict(model.bridge, bridge, f"bridge weights of {cfg.init_from}")
+        load_trained(model, cfg.init_from)
     elif cfg.qformer_init:
         init_qformer_from_bert(model.qformer, loading.resolve(cfg.qformer_init))
     return model
+
+
+def load_trained(model: Blip2, checkpoint: str | Path) -> None:
+    """The Q-Former and bridge weights of a blipkit checkpoint dir, strictly (fp32)."""
+    trained = loading.read_state_dict(Path(checkpoint) / loading.BRIDGE_FILE)
+    qformer = {k[len("qformer.") :]: v.float() for k, v in trained.items() if k.startswith("qformer.")}
+    loading.load_strict(model.qformer, qformer, f"Q-Former weights of {checkpoint}")
+    bridge = {k[len("bridge.") :]: v.float() for k, v in trained.items() if k.startswith("bridge.")}
+    if bridge and model.has_llm:
+        loading.load_strict(model.bridge, bridge, f"bridge weights of {checkpoint}")
+
+
+def build_teacher(model: Blip2, checkpoint: str | Path) -> Blip2:
+    """A frozen copy of ``checkpoint``'s Q-Former and bridge that shares ``model``'s (frozen) LLM."""
+    if not model.has_llm:
+        raise ValueError("teacher: the keep loss compares visual prompts, and this model has no LLM")
+    teacher = Blip2(model.config, nn.Identity(), model.llm)
+    load_trained(teacher, checkpoint)
+    teacher.qformer.requires_grad_(False)
+    teacher.bridge.requires_grad_(False)
+    return teacher.to(next(model.qformer.parameters()).device).eval()
 
 
 def trainable_parts(model: Blip2) -> nn.ModuleDict:
@@ -98,6 +121,7 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
         self.model_cfg = model_config(cfg)
         self.model = build_training_model(cfg, self.model_cfg).to(self.device)
+        self.teacher = build_teacher(self.model, cfg.teacher) if cfg.teacher else None
         self.trainable = trainable_parts(self.model)
         if cfg.trainable:
             prefixes = tuple(p.strip() for p in cfg.trainable.split(",") if p.strip())
@@ -123,7 +147,10 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         )
         self.step = 0
-        self.columns = ["step", "loss", *self._loss_names(), "lr", "epoch", "samples_per_s"]
+        names = self._loss_names()
+        if not set(names) - {"warm_start"} and cfg.max_steps > cfg.warm_start_steps:
+            raise ValueError(f"loss_weights={cfg.loss_weights!r} leaves no loss after the warm start")
+        self.columns = ["step", "loss", *names, "lr", "epoch", "samples_per_s"]
         self._prepare_output(resume)
 
     # --- setup ----------------------------------------------------------------------------------------------
@@ -132,7 +159,13 @@ class Trainer:
         if self.cfg.stage == "stage1":
             return stage1
         warm = ["warm_start"] if self.cfg.warm_start_steps else []
-        return warm + ["lm"] + (stage1 if self.cfg.stage1_weight else [])
+        lm = ["lm"] if self._weighted("lm") else []
+        keep = ["keep"] if self.teacher is not None else []
+        return warm + lm + keep + (stage1 if self.cfg.stage1_weight else [])
+
+    def _weighted(self, loss: str) -> bool:
+        """False for a loss whose factor in ``loss_weights`` is 0: it is not computed at all."""
+        return self.cfg.loss_weight.get(loss, 1.0) != 0
 
     def _training_set(self) -> TrainingSet:
         cfg = self.cfg
@@ -250,22 +283,31 @@ class Trainer:
         )
         return {name: s / n for name, (s, n) in vars(losses).items()}
 
-    def _prefix(self, examples: np.ndarray, image_embeds: Tensor) -> Tensor:
+    def _prefix_inputs(self, examples: np.ndarray, image_embeds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """This process's image features and Q-Former prompt tokens: (b, P, Dv), (b, T), (b, T)."""
         rows = self._rows()
         prompts = [self.data.prompts[e] for e in examples[rows]]
         ids, mask = batches.qformer_text(self.qformer_tok, prompts, self.cfg.max_text_tokens)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        return self.model.visual_prompt(image_embeds[rows], ids, mask)  # (b, Q, Dl)
+        return image_embeds[rows], ids.to(self.device), mask.to(self.device)
+
+    def _keep(self, inputs: tuple[Tensor, Tensor, Tensor], prefix: Tensor) -> Tensor:
+        """Mean relative distance of the visual prompt tokens to the teacher's on the same inputs."""
+        with torch.no_grad():
+            target = self.teacher.visual_prompt(*inputs)  # (b, Q, Dl)
+        scale = embedding_scale(self.model.llm.get_input_embeddings().weight)
+        return relative_distance(prefix, target, scale) / (self.cfg.batch_size * prefix.shape[1])
 
     def _stage2(self, examples: np.ndarray, image_embeds: Tensor, step: int) -> dict[str, Tensor]:
         cfg, rows = self.cfg, self._rows()
-        prefix = self._prefix(examples, image_embeds)
+        inputs = self._prefix_inputs(examples, image_embeds)
+        prefix = self.model.visual_prompt(*inputs)  # (b, Q, Dl)
+        losses = {"keep": self._keep(inputs, prefix)} if self.teacher is not None else {}
         if step < cfg.warm_start_steps:
             targets = self._warm_start_targets(examples[rows], prefix.shape[1])  # (b, Q)
             table = self.model.llm.get_input_embeddings().weight
             total = warm_start_loss(prefix, targets, table, self.vocabulary, cfg.warm_start_mse_weight)
-            losses = {"warm_start": total / (cfg.batch_size * prefix.shape[1])}
-        else:
+            losses["warm_start"] = total / (cfg.batch_size * prefix.shape[1])
+        elif self._weighted("lm"):
             prompts = [self.data.prompts[e] for e in examples]
             targets = [self.data.targets[e] for e in examples]
             encdec = self.model.is_encoder_decoder
@@ -274,7 +316,7 @@ class Trainer:
             local = batches.trim(mask[rows], ids[rows], labels[rows])
             mask, ids, labels = (t.to(self.device) for t in local)
             loss_fn = prefix_lm_loss if encdec else decoder_lm_loss
-            losses = {"lm": loss_fn(self.model.llm, prefix, ids, mask, labels) / count}
+            losses["lm"] = loss_fn(self.model.llm, prefix, ids, mask, labels) / count
         if cfg.stage1_weight:
             extra = self._stage1(examples, image_embeds, step)
             losses.update({k: v * cfg.stage1_weight for k, v in extra.items()})

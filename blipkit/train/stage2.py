@@ -6,6 +6,9 @@
 - Warm start (no LLM forward): the visual prompt tokens regress onto the LLM word embeddings of the image's
   caption and/or the expected answer, plus a cross-entropy over those words, so the LLM sees familiar
   inputs from its first step.
+- Keep (no LLM forward): the visual prompt stays near a teacher checkpoint's on the same inputs, so a run
+  that teaches another skill (e.g. ITM through the stage-1 losses) leaves what the LLM reads, and so the
+  answers, as they were.
 
 Run: ``blipkit train stage2 --config configs/default_stage2.json --out runs/stage2`` or, with N processes,
 ``torchrun --nproc_per_node N -m blipkit.train stage2 --config configs/default_stage2.json --out runs/s2``.
@@ -58,6 +61,18 @@ def slot_targets(token_ids: Tensor, token_mask: Tensor, num_slots: int) -> Tenso
     return token_ids.gather(1, slots)
 
 
+def embedding_scale(word_embeddings: Tensor) -> Tensor:
+    """The mean squared norm of a word embedding: distances to visual prompts are relative to it."""
+    return word_embeddings.float().pow(2).sum(dim=1).mean()
+
+
+def relative_distance(prefix: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    """Summed over (b, Q): squared distance of each visual prompt token (b, Q, Dl) to its target, / ``scale``.
+
+    The warm start's pull towards word embeddings, and the keep loss (``target``: a teacher's prompt)."""
+    return ((prefix.float() - target.float()).pow(2).sum(dim=-1) / scale).sum()
+
+
 def warm_start_loss(
     prefix: Tensor,  # (b, Q, Dl) visual prompt
     targets: Tensor,  # (b, Q) the LLM token each prompt position should express (see ``slot_targets``)
@@ -68,10 +83,9 @@ def warm_start_loss(
     """Summed over (b, Q): relative squared distance to the target embedding + CE over the candidate words."""
     prefix = prefix.float()
     table = word_embeddings.float()
-    scale = table.pow(2).sum(dim=1).mean()  # mean squared norm of a word embedding
-    mse = (prefix - table[targets]).pow(2).sum(dim=-1) / scale  # (b, Q)
+    mse = relative_distance(prefix, table[targets], embedding_scale(table))
     logits = prefix @ table[vocabulary].t()  # (b, Q, K)
     lookup = torch.full((table.shape[0],), -100, dtype=torch.long, device=table.device)
     lookup[vocabulary] = torch.arange(vocabulary.shape[0], device=table.device)
     ce = F.cross_entropy(logits.flatten(0, 1), lookup[targets].flatten(), reduction="sum")
-    return mse_weight * mse.sum() + ce
+    return mse_weight * mse + ce
