@@ -65,3 +65,20 @@ def test_default_served_batch_equals_one_by_one(default):
     engine.stop()
     assert engine.largest_batch > 1
     assert answers == [default.ask(EXAMPLES / name, question) for name, question in asks]
+
+
+def test_default_matches_captions_against_hard_negatives(default):
+    """ITM on easy-VQA test images: the true caption beats the same shape in another colour and the same
+    colour on another shape (what re-ranking the ITC top K has to decide)."""
+    from blipkit.data import easy_vqa
+
+    images, texts, relevant = easy_vqa.retrieval_set("test", limit=24)
+    full = [next(t for t, r in zip(texts, row, strict=True) if r) for row in relevant]  # "a red circle"
+    pairs = []
+    for image, caption in zip(images, full, strict=True):
+        _, color, shape = caption.split()
+        other_color = next(c for c in easy_vqa.COLORS if c != color)
+        other_shape = next(s for s in easy_vqa.SHAPES if s != shape)
+        pairs.append((image, [caption, f"a {other_color} {shape}", f"a {color} {other_shape}"]))
+    wins = [bool(default.match([image], captions)[0].argmax() == 0) for image, captions in pairs]
+    assert sum(wins) >= 0.9 * len(wins), wins
