@@ -5,7 +5,7 @@
    The test images whose colour and shape are both known (888), the 35 captions the grammar makes ("a red
    circle", "a red shape", "a circle"), relevant by attribute (``easy_vqa.retrieval_set``).
 
-    python bench/retrieval_goals.py [--model default] [--limit 888] [--rerank 16] [--out goals.json]
+    python bench/retrieval_goals.py --out reports/retrieval-goals.json [--model M] [--limit N] [--rerank 16]
 """
 
 from __future__ import annotations

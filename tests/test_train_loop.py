@@ -264,6 +264,8 @@ def test_keep_loss_holds_the_visual_prompt_to_the_teacher(tiny, tmp_path):
         stage="stage2",
     )
     trainer = Trainer(cfg, tmp_path / "keep", env=DistEnv())
+    assert trainer.teacher.llm is trainer.model.llm  # shared, not copied
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
     llm_calls = []
     trainer.model.llm.register_forward_pre_hook(lambda *args: llm_calls.append(1))
     trainer.model.llm.base_model.register_forward_pre_hook(lambda *args: llm_calls.append(1))

@@ -8,6 +8,7 @@ Several: ``torchrun --nproc_per_node 2 -m blipkit.train stage2 --config ... --ou
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import os
@@ -82,11 +83,11 @@ def build_teacher(model: Blip2, checkpoint: str | Path) -> Blip2:
     """A frozen copy of ``checkpoint``'s Q-Former and bridge that shares ``model``'s (frozen) LLM."""
     if not model.has_llm:
         raise ValueError("teacher: the keep loss compares visual prompts, and this model has no LLM")
-    teacher = Blip2(model.config, nn.Identity(), model.llm)
+    teacher = copy.deepcopy(model, memo={id(model.llm): model.llm})  # the LLM is shared, not copied
     load_trained(teacher, checkpoint)
     teacher.qformer.requires_grad_(False)
     teacher.bridge.requires_grad_(False)
-    return teacher.to(next(model.qformer.parameters()).device).eval()
+    return teacher.eval()
 
 
 def trainable_parts(model: Blip2) -> nn.ModuleDict:
