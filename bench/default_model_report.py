@@ -91,13 +91,11 @@ def retrieval(model: blipkit.Model) -> dict:
     and shape are both known, captions relevant by attribute (``easy_vqa.retrieval_set``)."""
     from blipkit.eval.recall import retrieval_eval
 
-    images, texts, relevant = easy_vqa.retrieval_set("test")
-    relevant = torch.tensor(relevant)  # (N_img, N_txt)
-    report = retrieval_eval(model, images, texts, relevant, rerank=16)
+    images, texts, relevant, attributes = easy_vqa.retrieval_set("test")
+    report = retrieval_eval(model, images, texts, torch.tensor(relevant), rerank=16)
     labels = [f"a {s}" for s in easy_vqa.SHAPES]
-    shapes = relevant[:, [texts.index(label) for label in labels]].int().argmax(dim=1).tolist()
     probs = model.classify(images, labels)  # the model's own template (prompts.classify)
-    correct = sum(max(p, key=p.get) == labels[s] for p, s in zip(probs, shapes, strict=True))
+    correct = sum(max(p, key=p.get) == f"a {a['shape']}" for p, a in zip(probs, attributes, strict=True))
     return {"retrieval": report, "zero_shot_shape_accuracy": correct / len(images)}
 
 

@@ -41,13 +41,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = blipkit.load(args.model, batch_size=64)
-    images, texts, relevant = easy_vqa.retrieval_set("test", args.limit)
+    images, texts, relevant, attributes = easy_vqa.retrieval_set("test", args.limit)
     relevant = torch.tensor(relevant)  # (N_img, N_txt)
     start = time.perf_counter()
     features = image_features(model, images)
     print(f"embedded {len(images)} images in {time.perf_counter() - start:.0f} s", flush=True)
-    shape_texts = relevant[:, [texts.index(f"a {s}") for s in easy_vqa.SHAPES]]  # (N_img, 3), one True a row
-    shapes = [easy_vqa.SHAPES[j] for j in shape_texts.int().argmax(dim=1).tolist()]
+    shapes = [a["shape"] for a in attributes]
     classify = {t: shape_accuracy(model, features[0], shapes, t) for t in TEMPLATES}
     print(json.dumps(classify), flush=True)
     recall = retrieval_eval(model, images, texts, relevant, rerank=args.rerank, features=features)

@@ -99,11 +99,12 @@ def test_easy_vqa_examples_carry_captions():
 
 
 def test_easy_vqa_retrieval_set_relevance_by_attribute():
-    images, texts, relevant = easy_vqa.retrieval_set("test")
+    images, texts, relevant, attributes = easy_vqa.retrieval_set("test")
     assert len(images) == 888 and len(texts) == 8 * 3 + 8 + 3  # full, colour-only, shape-only captions
     captions = {e.image: e.caption for e in easy_vqa.caption_examples("test")}
     for image, row in zip(images, relevant, strict=True):
         full = captions[image]  # "a red circle": both attributes known
         color, shape = full.split()[1:]
         assert {t for t, r in zip(texts, row, strict=True) if r} == {full, f"a {color} shape", f"a {shape}"}
+    assert [f"a {a['color']} {a['shape']}" for a in attributes] == [captions[i] for i in images]
     assert easy_vqa.retrieval_set("test", limit=5)[0] == images[:5]

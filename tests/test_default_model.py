@@ -72,11 +72,11 @@ def test_default_matches_captions_against_hard_negatives(default):
     colour on another shape (what re-ranking the ITC top K has to decide)."""
     from blipkit.data import easy_vqa
 
-    images, texts, relevant = easy_vqa.retrieval_set("test", limit=24)
-    full = [next(t for t, r in zip(texts, row, strict=True) if r) for row in relevant]  # "a red circle"
+    test = easy_vqa.retrieval_set("test", limit=24)
     pairs = []
-    for image, caption in zip(images, full, strict=True):
-        _, color, shape = caption.split()
+    for image, attributes in zip(test.images, test.attributes, strict=True):
+        color, shape = attributes["color"], attributes["shape"]
+        caption = f"a {color} {shape}"
         other_color = next(c for c in easy_vqa.COLORS if c != color)
         other_shape = next(s for s in easy_vqa.SHAPES if s != shape)
         pairs.append((image, [caption, f"a {other_color} {shape}", f"a {color} {other_shape}"]))

@@ -271,7 +271,7 @@ def test_keep_loss_holds_the_visual_prompt_to_the_teacher(tiny, tmp_path):
     trainer.model.llm.base_model.register_forward_pre_hook(lambda *args: llm_calls.append(1))
     trainer.run()
     rows = _losses(tmp_path / "keep")
-    assert "lm" not in rows[0] and llm_calls == []  # a loss weighted 0 is not computed
+    assert "lm" not in rows[0] and llm_calls == []  # lm weighted 0: the LLM is never run
     assert float(rows[0]["keep"]) == 0.0  # the run starts from the teacher itself
     assert float(rows[-1]["keep"]) > 0.0  # ITM moved the Q-Former, and the keep loss sees it
     expected = 4 * float(rows[-1]["itm"]) + 10 * float(rows[-1]["keep"])  # itc and itg weighted 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import NamedTuple
 
 from blipkit.data.records import CaptionExample, VqaExample
 
@@ -97,10 +98,17 @@ def caption_examples(split: str) -> list[CaptionExample]:
     return [CaptionExample(paths[i], caption_for(a)) for i, a in sorted(attributes.items()) if a]
 
 
-def retrieval_set(split: str, limit: int | None = None) -> tuple[list[str], list[str], list[list[bool]]]:
+class RetrievalSet(NamedTuple):
+    images: list[str]  # paths of the images whose colour and shape are both known
+    texts: list[str]  # every caption the grammar makes
+    relevant: list[list[bool]]  # (N_img, N_txt): the caption names only the image's attributes
+    attributes: list[dict[str, str]]  # {"color": ..., "shape": ...} per image
+
+
+def retrieval_set(split: str, limit: int | None = None) -> RetrievalSet:
     """Images whose colour and shape are both known, every caption the grammar makes ("a red circle",
-    "a red shape", "a circle") and their relevance (N_img x N_txt): a caption fits an image when each
-    attribute it names is the image's. ``limit``: the first N such images.
+    "a red shape", "a circle") and their relevance: a caption fits an image when each attribute it names
+    is the image's. ``limit``: the first N such images.
 
     Relevance by attribute, not by caption string: "a red shape" describes every red image, and an image
     whose shape no question reveals could not be judged against "a red circle", so it is left out."""
@@ -115,4 +123,5 @@ def retrieval_set(split: str, limit: int | None = None) -> tuple[list[str], list
         color = words[0] if words[0] in COLORS else None
         return color in (None, a["color"]) and words[-1] in ("shape", a["shape"])
 
-    return [p for p, _ in known], texts, [[fits(t, a) for t in texts] for _, a in known]
+    relevant = [[fits(t, a) for t in texts] for _, a in known]
+    return RetrievalSet([p for p, _ in known], texts, relevant, [a for _, a in known])

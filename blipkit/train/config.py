@@ -51,7 +51,7 @@ class TrainConfig:
     )
     warm_start_mse_weight: float = 1.0
     stage1_weight: float = 0.0  # stage 2: add the stage-1 losses on captions, to keep the retrieval heads
-    loss_weights: str = ""  # factors per loss, e.g. "itm=4,lm=0" (lm warm_start keep itc itm itg); 0: skipped
+    loss_weights: str = ""  # factors per loss (lm warm_start keep itc itm itg), e.g. "itm=4"; lm=0: no LLM
     # --- bookkeeping ----------------------------------------------------------------------------------------
     checkpoint_every: int = 200  # steps between resumable checkpoints (and a blipkit checkpoint)
     export_fp16: bool = True  # also write the final blipkit checkpoint's weights as fp16 (``final-fp16``)

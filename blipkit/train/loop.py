@@ -123,6 +123,8 @@ class Trainer:
         self.model_cfg = model_config(cfg)
         self.model = build_training_model(cfg, self.model_cfg).to(self.device)
         self.teacher = build_teacher(self.model, cfg.teacher) if cfg.teacher else None
+        if self.teacher is not None:  # the keep loss's unit; the word embeddings are frozen
+            self.keep_scale = embedding_scale(self.model.llm.get_input_embeddings().weight)
         self.trainable = trainable_parts(self.model)
         if cfg.trainable:
             prefixes = tuple(p.strip() for p in cfg.trainable.split(",") if p.strip())
@@ -165,7 +167,7 @@ class Trainer:
         return warm + lm + keep + (stage1 if self.cfg.stage1_weight else [])
 
     def _weighted(self, loss: str) -> bool:
-        """False for a loss whose factor in ``loss_weights`` is 0: it is not computed at all."""
+        """False for a loss whose factor in ``loss_weights`` is 0 (used for ``lm``: no LLM forward then)."""
         return self.cfg.loss_weight.get(loss, 1.0) != 0
 
     def _training_set(self) -> TrainingSet:
@@ -295,8 +297,7 @@ class Trainer:
         """Mean relative distance of the visual prompt tokens to the teacher's on the same inputs."""
         with torch.no_grad():
             target = self.teacher.visual_prompt(*inputs)  # (b, Q, Dl)
-        scale = embedding_scale(self.model.llm.get_input_embeddings().weight)
-        return relative_distance(prefix, target, scale) / (self.cfg.batch_size * prefix.shape[1])
+        return relative_distance(prefix, target, self.keep_scale) / (self.cfg.batch_size * prefix.shape[1])
 
     def _stage2(self, examples: np.ndarray, image_embeds: Tensor, step: int) -> dict[str, Tensor]:
         cfg, rows = self.cfg, self._rows()
