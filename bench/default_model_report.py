@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from heldout import evaluate
 
 import blipkit
 from blipkit.data import easy_vqa
-from blipkit.processing import tokenize
-from blipkit.train.vqa_eval import answer_kind, evaluate
+from blipkit.eval.vqa_model import answer_type as answer_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def blind_llm(model: blipkit.Model, limit: int) -> dict:
     for i in range(0, len(examples), 64):
         chunk = examples[i : i + 64]
         prompts = [model.config.prompts.vqa.format(e.question) for e in chunk]
-        ids, mask = tokenize(tok, prompts, padding_side="left")  # llm.generate needs left padding
+        ids, mask = model.text.llm_batch([model.text.llm_ids(p)[0] for p in prompts], side="left")
         with torch.inference_mode():
             out = llm.generate(
                 input_ids=ids,
@@ -220,14 +220,13 @@ def main() -> None:
     args = p.parse_args()
     start = time.perf_counter()
     model = blipkit.load(args.model)
-    ckpt = args.model
-    vqa = {"default model": evaluate(ckpt, limit=args.limit)}
+    vqa = {"default model": evaluate(model, limit=args.limit)}
     for variant, name in (
         ("bigger", "held out: 200×200 images"),
         ("moved", "held out: resized and moved"),
         ("paraphrased", "held out: new wordings"),
     ):
-        vqa[name] = evaluate(ckpt, limit=args.limit, variant=variant)
+        vqa[name] = evaluate(model, limit=args.limit, variant=variant)
     vqa["blind: same LLM, question only"] = blind_llm(model, args.limit)
     vqa["blind: best answer per wording (train)"] = blind_wording()
     training = json.loads((ROOT / "reports" / "default-training.json").read_text())

@@ -33,6 +33,12 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     batch_size: int = 16,
+    trust_remote_code: bool = False,
 ) -> Model:
-    """Load ``"default"`` (the embedded offline model), a transformers BLIP-2 dir or a blipkit checkpoint."""
-    return Model(load_checkpoint(name_or_path, dtype=dtype, device=device), batch_size=batch_size)
+    """Load ``"default"`` (the embedded offline model), a transformers BLIP-2 dir or a blipkit checkpoint.
+
+    ``trust_remote_code=True`` lets referenced transformers dirs run the Python code they ship; only for
+    checkpoints you trust (without it such a dir is a ``CheckpointError``).
+    """
+    loaded = load_checkpoint(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return Model(loaded, batch_size=batch_size)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from blipkit.errors import AssetError
+
 __all__ = ["ASSETS", "AssetError", "cache_dir", "dinov2_small", "minilm_l6", "resolve", "smollm2_135m"]
 
 # module name -> pinned distribution to install without its (heavy, unneeded) dependencies
@@ -42,11 +44,7 @@ _ATTENTION_RENAMES = {
     ".attention.attention.value.": ".attention.v_proj.",
     ".attention.output.dense.": ".attention.o_proj.",
 }
-_LOCAL = {"local_files_only": True}  # never reach for the hub
-
-
-class AssetError(RuntimeError):
-    """A frozen asset cannot be provided (missing package, unknown name, unexpected file)."""
+_LOCAL = {"local_files_only": True, "trust_remote_code": False}  # never reach for the hub nor run its code
 
 
 def cache_dir() -> Path:

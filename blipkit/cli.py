@@ -1,31 +1,49 @@
 """The ``blipkit`` command. Thin: parses arguments and calls the Python API.
 
-Exit codes: 0 all done, 3 finished with some failed items, 2 usage error, 1 crash.
+Exit codes (``blipkit.errors``): 0 all done, 3 finished with some failed items, 2 usage error, 1 an
+environment problem or a crash.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+import traceback
 
-EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
+from blipkit.batch import cli as batch_cli
+from blipkit.cli_options import add_model_args, load_model
+from blipkit.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, BlipkitError
+from blipkit.eval import cli as eval_cli
+from blipkit.retrieval import cli as retrieval_cli
+from blipkit.serve import cli as serve_cli
+from blipkit.train import cli as train_cli
 
 
-class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit code 2."""
+def register(sub: argparse._SubParsersAction, add_model_args=add_model_args) -> None:
+    """``ask`` and ``chat``."""
+    p = sub.add_parser("ask", help="answer a question about an image")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the model's)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="chat about an image; one turn per line on stdin")
+    p.add_argument("image")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="longest answer per turn (default 30)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_chat)
 
 
-def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="default",
-        help="'default' (embedded), a transformers BLIP-2 dir or a blipkit checkpoint dir",
-    )
-    p.add_argument(
-        "--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
-    )
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default cpu)")
+# every command group, in the order ``blipkit --help`` lists them: register(subparsers, add_model_args)
+COMMAND_GROUPS = (
+    register,
+    batch_cli.register,
+    retrieval_cli.register,
+    eval_cli.register,
+    train_cli.register,
+    serve_cli.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,75 +56,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("ask", help="answer a question about an image")
-    p.add_argument("image")
-    p.add_argument("question")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    _model_arg(p)
-    p.set_defaults(func=cmd_ask)
-
-    p = sub.add_parser("chat", help="chat about an image; one turn per line on stdin")
-    p.add_argument("image")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    _model_arg(p)
-    p.set_defaults(func=cmd_chat)
-    for register in _plugins():
-        register(sub, _model_arg)
+    for group in COMMAND_GROUPS:
+        group(sub, add_model_args)
     return parser
 
 
-def _plugins() -> list:
-    """``register(subparsers, add_model_args)`` of each command group that lives in a sub-package."""
-    found = []
-    for module in (
-        "blipkit.train.cli",
-        "blipkit.batch.cli",
-        "blipkit.retrieval.cli",
-        "blipkit.eval.cli",
-        "blipkit.serve.cli",
-    ):
-        try:
-            found.append(importlib.import_module(module).register)
-        except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise
-    return found
-
-
-def _load(args: argparse.Namespace):
-    import blipkit
-
-    return blipkit.load(args.model, dtype=args.dtype, device=args.device)
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     print(model.ask(args.image, args.question, max_new_tokens=args.max_new_tokens))
     return EXIT_OK
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     chat = model.chat(args.image, max_new_tokens=args.max_new_tokens)
     interactive = sys.stdin.isatty()
+    if interactive:
+        print(
+            "one question per line; Ctrl-D (Ctrl-Z Enter on Windows) or an empty line twice to leave",
+            file=sys.stderr,
+        )
+    empty = 0
     while True:
         if interactive:
             print("you> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line:
             break
-        if line.strip():
-            print(chat.send(line.strip()), flush=True)
+        if not line.strip():
+            empty += 1
+            if interactive and empty >= 2:
+                break
+            continue
+        empty = 0
+        print(chat.send(line.strip()), flush=True)
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    from blipkit.assets import AssetError
-    from blipkit.errors import CapabilityError
-    from blipkit.loading import CheckpointError
-    from blipkit.processing import ImageError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":  # only training takes free-form --key=value overrides
@@ -117,19 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except (
-        UsageError,
-        ImageError,
-        CheckpointError,
-        AssetError,
-        FileNotFoundError,
-        CapabilityError,
-        ValueError,
-    ) as e:
+    except BlipkitError as e:
+        print(f"blipkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:  # a path the user named
         print(f"blipkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        traceback.print_exc()
+        print(
+            f"blipkit: crashed ({type(e).__name__}): this is a bug in blipkit, not a mistake in the command; "
+            "the traceback above says where",
+            file=sys.stderr,
+        )
+        return EXIT_CRASH
 
 
 if __name__ == "__main__":

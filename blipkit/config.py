@@ -1,15 +1,20 @@
 """Dataclass configs. Named architectures live as JSON files in ``blipkit/configs/`` (file stem = name).
 
-A model config has five blocks, each unpacked into its dataclass with ``**``; an unknown key is an error.
+A model config has five blocks, each unpacked into its dataclass; an unknown key, or a value whose JSON type
+does not fit the field's annotation, is a ``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from blipkit.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -40,6 +45,7 @@ class QFormerConfig:
     encoder_hidden_size: int = 1408  # vision width (K/V input of cross-attention)
     vocab_size: int = 30523  # bert-base-uncased + the [DEC] token (LAVIS)
     max_position_embeddings: int = 512
+    max_text_tokens: int = 64  # texts are cut to this many tokens (as in training); <= max positions
     layer_norm_eps: float = 1e-12
     embed_dim: int = 256  # ITC space
     text_path: bool = True  # word/position embeddings, text FFN, ITC/ITM heads
@@ -94,33 +100,85 @@ class Blip2Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
-        blocks = {
-            "vision": VisionConfig,
-            "qformer": QFormerConfig,
-            "bridge": BridgeConfig,
-            "llm": LLMConfig,
-            "prompts": PromptConfig,
-        }
-        _check_keys(cls, d, "model config")
-        kwargs = {k: (blocks[k](**_checked(blocks[k], v, k)) if k in blocks else v) for k, v in d.items()}
-        return cls(**kwargs)
+    def from_dict(cls, d: Any, source: str | None = None) -> Blip2Config:
+        """Build from a JSON-like dict; ``source`` (e.g. the file's path) starts every error message."""
+        return _build(cls, d, f"{source}: " if source else "", "")
 
     @classmethod
     def from_json(cls, path: str | Path) -> Blip2Config:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
 
 
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+def _show(value: Any) -> str:
+    """A value as the config file spells it (null, true, 'text', [1, 2])."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+
+
+def type_matches(hint: Any, value: Any) -> bool:
+    """Whether a JSON value fits a type annotation (bool is not an int; an int is a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(a, value) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint) or origin is dict or hint is dict:
+        key, val = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            type_matches(key, k) and type_matches(val, v) for k, v in value.items()
+        )
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(type_matches(item, v) for v in value)
+    return isinstance(value, origin or hint)
+
+
+def type_name(hint: Any) -> str:
+    """How an annotation reads in an error message: 'an int', 'a string or null', 'an object'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint) or hint is dict or typing.get_origin(hint) is dict:
+        return "an object"
+    names = {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "a string"}
+    return names.get(hint, "a list" if typing.get_origin(hint) in (list, tuple) else str(hint))
+
+
+def check_type(hint: Any, value: Any, where: str) -> None:
+    """``ConfigError`` "where must be <type>, got <value>" unless ``value`` fits ``hint``."""
+    if not type_matches(hint, value):
+        raise ConfigError(f"{where} must be {type_name(hint)}, got {_show(value)}")
+
+
+def _build(cls: type, d: Any, lead: str, prefix: str) -> Any:
+    """A dataclass from a dict, every field checked against its annotation (blocks recursively)."""
+    block = prefix.rstrip(".")
+    check_type(dict, d, f"{lead}{block or 'the model config'}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(known))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-
-
-def _checked(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
-    _check_keys(cls, d, f"'{where}' block")
-    return d
+        where = f"'{block}' block" if block else "model config"
+        raise ConfigError(f"{lead}unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    kwargs = {}
+    for key, value in d.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, lead, f"{prefix}{key}.")
+        else:
+            check_type(hint, value, f"{lead}{prefix}{key}")
+            kwargs[key] = value
+    return cls(**kwargs)
 
 
 def list_models() -> list[str]:

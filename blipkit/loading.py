@@ -4,6 +4,9 @@ Formats:
 - transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` ``save_pretrained`` dirs;
 - blipkit dirs: ``config.json`` (``{"format": "blipkit", "config": {...}}``) + ``bridge.safetensors`` holding
   the Q-Former and bridge only. Frozen parts (vision encoder, LLM) are referenced by path or asset name.
+
+Loaded tensors are checked (names, shapes, floating point where the model has floats, no NaN/Inf), and a
+referenced transformers dir that ships Python code (``auto_map``) is refused unless ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from torch import Tensor, nn
 
 from blipkit.config import Blip2Config, LLMConfig, VisionConfig
 from blipkit.convert import hf_blip2
+from blipkit.errors import CheckpointError, ConfigError
 from blipkit.models.blip2 import Blip2
 from blipkit.models.vision import Dinov2Encoder, EvaViT
 from blipkit.processing import ImageProcessor
+from blipkit.text import TextProcessor
 
 BLIPKIT_FORMAT = "blipkit"
 BRIDGE_FILE = "bridge.safetensors"
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")  # where transformers finds an ``auto_map``
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 _DTYPES = {
     "fp32": torch.float32,
@@ -38,16 +44,11 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the missing, unexpected or mis-shaped keys."""
-
-
 @dataclass
 class Loaded:
     model: Blip2
-    tokenizer: Any  # the LLM's tokenizer (None without an LLM)
+    text: TextProcessor  # both tokenizers, prompts and windows
     processor: ImageProcessor
-    qformer_tokenizer: Any  # tokenizer of the Q-Former text path (None without one)
     path: Path | None
 
 
@@ -75,15 +76,25 @@ def read_state_dict(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
-def check_state_dict(expected: dict[str, torch.Size], got: dict[str, Tensor], where: str) -> None:
-    """Strict: every expected key present with the right shape, nothing unexpected."""
+def check_state_dict(expected: dict[str, Tensor], got: dict[str, Tensor], where: str) -> None:
+    """Strict: every expected key present with the right shape and kind, finite, nothing unexpected.
+
+    ``expected`` is the model's state dict (meta tensors do): its shapes and dtypes are the reference.
+    """
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
+    common = sorted(set(expected) & set(got))
     mismatched = [
-        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k])}"
-        for k in sorted(set(expected) & set(got))
-        if tuple(got[k].shape) != tuple(expected[k])
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in common
+        if tuple(got[k].shape) != tuple(expected[k].shape)
     ]
+    not_float = [
+        f"{k}: {got[k].dtype}"
+        for k in common
+        if expected[k].is_floating_point() and not got[k].is_floating_point()
+    ]
+    non_finite = [k for k in common if got[k].is_floating_point() and not bool(torch.isfinite(got[k]).all())]
     problems = []
     if missing:
         problems.append(f"missing keys {missing}")
@@ -91,13 +102,16 @@ def check_state_dict(expected: dict[str, torch.Size], got: dict[str, Tensor], wh
         problems.append(f"unexpected keys {unexpected}")
     if mismatched:
         problems.append(f"mis-shaped keys {mismatched}")
+    if not_float:
+        problems.append(f"integer tensors where the model has floating point ones {not_float}")
+    if non_finite:
+        problems.append(f"tensors holding NaN/Inf values {non_finite}")
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
 
 
 def load_strict(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    check_state_dict(expected, state_dict, where)
+    check_state_dict(module.state_dict(), state_dict, where)
     module.load_state_dict(state_dict, strict=True, assign=True)
 
 
@@ -116,21 +130,59 @@ def resolve(ref: str, base: Path | None = None) -> Path:
     return p
 
 
+def read_config(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file``; anything else is a ``ConfigError`` naming the file."""
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file}: must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def check_remote_code(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a transformers dir whose config names Python code of its own (``auto_map``) unless trusted.
+
+    transformers would import that code, or ask on stdin whether to; this fails before it gets the chance.
+    """
+    if trust_remote_code:
+        return
+    for name in REMOTE_CODE_FILES:
+        file = Path(path) / name
+        try:
+            d = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue  # absent, or not JSON: transformers reports it without running anything
+        if isinstance(d, dict) and d.get("auto_map"):
+            raise CheckpointError(
+                f"{file} has an auto_map: loading it runs Python code shipped in {path}; it was not run. "
+                "Pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it"
+            )
+
+
 def _is_hf_blip2(path: Path) -> bool:
     cfg = path / "config.json"
-    return cfg.exists() and "qformer_config" in json.loads(cfg.read_text())
+    return cfg.exists() and "qformer_config" in read_config(cfg)
 
 
 # --- building the parts -------------------------------------------------------------------------------------
-def build_vision(cfg: VisionConfig, state_dict: dict[str, Tensor] | None, base: Path | None) -> nn.Module:
+def build_vision(
+    cfg: VisionConfig,
+    state_dict: dict[str, Tensor] | None,
+    base: Path | None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
     if cfg.kind == "dinov2":
         if not cfg.pretrained:
             raise CheckpointError(
                 "vision.kind 'dinov2' needs vision.pretrained (a transformers Dinov2Model dir)"
             )
-        return Dinov2Encoder.from_pretrained(cfg, str(resolve(cfg.pretrained, base)))
+        source = resolve(cfg.pretrained, base)
+        check_remote_code(source, trust_remote_code)
+        return Dinov2Encoder.from_pretrained(cfg, str(source))
     if cfg.kind != "eva":
-        raise ValueError(f"unknown vision kind {cfg.kind!r}; expected 'eva' or 'dinov2'")
+        raise ConfigError(f"unknown vision kind {cfg.kind!r}; expected 'eva' or 'dinov2'")
     if state_dict is None:
         if not cfg.pretrained:
             raise CheckpointError(
@@ -146,28 +198,42 @@ def build_vision(cfg: VisionConfig, state_dict: dict[str, Tensor] | None, base: 
 
 
 def _llm_class(cfg: LLMConfig, hf_config: Any) -> type:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+    )
 
-    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if cfg.kind == "causal" else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
-    return mapping[type(hf_config)]
+    causal = cfg.kind == "causal"
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if causal else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    if type(hf_config) in mapping:
+        return mapping[type(hf_config)]
+    return AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM  # a trusted dir's own classes
 
 
 def build_llm(
-    cfg: LLMConfig, state_dict: dict[str, Tensor] | None, base: Path | None, dtype: torch.dtype
+    cfg: LLMConfig,
+    state_dict: dict[str, Tensor] | None,
+    base: Path | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
 ) -> nn.Module | None:
     """A frozen transformers LLM, from a dir, an asset, a transformers BLIP-2 dir or (config, state dict)."""
     if cfg.kind == "none":
         return None
     from transformers import AutoConfig
 
+    trust = {"trust_remote_code": trust_remote_code}
     hf_config = None
     if state_dict is None:
         if not cfg.pretrained:
             raise CheckpointError("llm needs weights: llm.pretrained (a transformers dir or asset name)")
         source = resolve(cfg.pretrained, base)
         if not _is_hf_blip2(source):
-            cls = _llm_class(cfg, AutoConfig.from_pretrained(source))
-            return cls.from_pretrained(source, dtype=dtype).eval().requires_grad_(False)
+            check_remote_code(source, trust_remote_code)
+            cls = _llm_class(cfg, AutoConfig.from_pretrained(source, **trust))
+            return cls.from_pretrained(source, dtype=dtype, **trust).eval().requires_grad_(False)
         hf_config = json.loads((source / "config.json").read_text())["text_config"]
         state_dict = read_state_dict(source, "language_model.")
     hf_config = dict(hf_config or cfg.hf_config or {})
@@ -176,7 +242,7 @@ def build_llm(
     config = AutoConfig.for_model(**hf_config)
     cls = _llm_class(cfg, config)
     llm, info = cls.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
+        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True, **trust
     )
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
@@ -189,19 +255,20 @@ def build_model(
     state_dict: dict[str, Tensor],
     base: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> Blip2:
     """Assemble a model from its config and a blipkit-named state dict (vision/llm parts optional)."""
     vision_sd = {k[7:]: v for k, v in state_dict.items() if k.startswith("vision.")} or None
     llm_sd = {k[4:]: v for k, v in state_dict.items() if k.startswith("llm.")} or None
-    vision = build_vision(cfg.vision, vision_sd, base).requires_grad_(False).eval()
-    llm = build_llm(cfg.llm, llm_sd, base, dtype)
+    vision = build_vision(cfg.vision, vision_sd, base, trust_remote_code).requires_grad_(False).eval()
+    llm = build_llm(cfg.llm, llm_sd, base, dtype, trust_remote_code)
     with torch.device("meta"):  # only the Q-Former and bridge are new; they are filled below
         model = Blip2(cfg, vision, llm)
     for part in ("qformer", "bridge"):
         if hasattr(model, part):
             module = getattr(model, part)
             got = {k: v for k, v in state_dict.items() if k.startswith(part + ".")}
-            expected = {f"{part}.{k}": v.shape for k, v in module.state_dict().items()}
+            expected = {f"{part}.{k}": v for k, v in module.state_dict().items()}
             check_state_dict(expected, got, "checkpoint")
             module.load_state_dict({k[len(part) + 1 :]: v for k, v in got.items()}, strict=True, assign=True)
             module.float()  # trained parts run in fp32 (they may be stored as fp16)
@@ -213,10 +280,12 @@ def build_model(
 
 
 # --- tokenizers and processors ------------------------------------------------------------------------------
-def _tokenizer(path: Path):
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """A transformers tokenizer dir (refused when it ships code that is not trusted)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    check_remote_code(path, trust_remote_code)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def _processor_from_hf_dir(path: Path) -> dict[str, Any]:
@@ -231,9 +300,16 @@ def _processor_from_hf_dir(path: Path) -> dict[str, Any]:
 
 # --- public entry points ------------------------------------------------------------------------------------
 def load_checkpoint(
-    name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Loaded:
-    """Load a transformers BLIP-2 dir, a blipkit checkpoint dir, or ``"default"`` (the embedded model)."""
+    """Load a transformers BLIP-2 dir, a blipkit checkpoint dir, or ``"default"`` (the embedded model).
+
+    ``trust_remote_code`` lets referenced transformers dirs run the Python code they ship (``auto_map``);
+    without it such a dir is a ``CheckpointError``.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise
@@ -245,35 +321,37 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"no checkpoint at {str(name_or_path)!r} (expected a directory with config.json)"
         )
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_config(path / "config.json")
+    trust = {"trust_remote_code": trust_remote_code}
     if raw.get("format") == BLIPKIT_FORMAT:
-        cfg = Blip2Config.from_dict(raw["config"])
+        cfg = Blip2Config.from_dict(raw.get("config"), source=str(path / "config.json"))
         trained = read_state_dict(path / BRIDGE_FILE)
-        model = build_model(cfg, trained, base=path, dtype=dtype)
+        model = build_model(cfg, trained, base=path, dtype=dtype, **trust)
         tok_ref = cfg.llm.tokenizer or cfg.llm.pretrained
-        llm_tok = _tokenizer(resolve(tok_ref, path)) if model.has_llm and tok_ref else None
+        llm_tok = load_tokenizer(resolve(tok_ref, path), **trust) if model.has_llm and tok_ref else None
     elif "qformer_config" in raw:
-        cfg = hf_blip2.config_from_hf(raw)
+        cfg = hf_blip2.config_from_hf(raw, source=str(path / "config.json"))
         cfg.processor = _processor_from_hf_dir(path)
         state_dict = read_state_dict(path)
         fmt = hf_blip2.detect_format(state_dict)
         if fmt != "transformers":
             raise CheckpointError(f"{path}: a {fmt} state dict in a transformers config dir")
         state_dict = hf_blip2.fill_missing(hf_blip2.filter_hf(state_dict), cfg)
-        model = build_model(cfg, state_dict, base=path, dtype=dtype)
+        model = build_model(cfg, state_dict, base=path, dtype=dtype, **trust)
         # the saved blipkit checkpoint will reference these frozen weights instead of copying them
         cfg.vision.pretrained = str(path.resolve())
         if model.has_llm:
             cfg.llm.pretrained, cfg.llm.hf_config = str(path.resolve()), None
-        llm_tok = _tokenizer(path) if model.has_llm else None
+        llm_tok = load_tokenizer(path, **trust) if model.has_llm else None
         if cfg.qformer.text_path:
             cfg.qformer_tokenizer = str(path.resolve())
     else:
         raise CheckpointError(f"{path}/config.json is neither a blipkit nor a transformers BLIP-2 config")
-    q_tok = _tokenizer(resolve(cfg.qformer_tokenizer, path)) if cfg.qformer_tokenizer else None
+    q_tok = load_tokenizer(resolve(cfg.qformer_tokenizer, path), **trust) if cfg.qformer_tokenizer else None
     if device:
         model.to(device)
-    return Loaded(model, llm_tok, ImageProcessor.from_dict(cfg.processor), q_tok, path)
+    text = TextProcessor.for_model(model, llm_tok, q_tok)
+    return Loaded(model, text, ImageProcessor.from_dict(cfg.processor), path)
 
 
 def save_checkpoint(

@@ -1,4 +1,4 @@
-"""Image loading, BLIP-2 resize/normalise preprocessing, and prompt building."""
+"""Image loading and BLIP-2 resize/normalise preprocessing (the text side is ``blipkit.text``)."""
 
 from __future__ import annotations
 
@@ -12,29 +12,9 @@ import PIL.Image
 import torch
 from PIL import Image, ImageOps
 
-__all__ = [
-    "VQA_TEMPLATE",
-    "tokenize",
-    "ImageError",
-    "ImageInput",
-    "ImageProcessor",
-    "as_image_list",
-    "build_chat_prompt",
-    "build_prompt",
-    "load_image",
-]
+from blipkit.errors import ConfigError, ImageError, UsageError
 
-
-class ImageError(ValueError):
-    """An image that cannot be read; ``str()`` names the item and the reason."""
-
-    def __init__(self, item: str, reason: str):
-        super().__init__(item, reason)  # both in args so the error pickles across processes
-        self.item = item
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot read image '{self.item}': {self.reason}"
+__all__ = ["ImageError", "ImageInput", "ImageProcessor", "as_image_list", "load_image"]
 
 
 ImageInput = str | os.PathLike | bytes | PIL.Image.Image | np.ndarray
@@ -203,15 +183,15 @@ class ImageProcessor:
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+            raise ConfigError(f"image_size must be a positive int, got {self.image_size!r}")
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
+            raise ConfigError(f"mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
         if any(v == 0 for v in self.std):
-            raise ValueError(f"std values must be non-zero, got {self.std!r}")
+            raise ConfigError(f"std values must be non-zero, got {self.std!r}")
         if self.resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+            raise ConfigError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
     def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
         """One image -> (3, S, S) float32 tensor; non-RGB images go through load_image first."""
@@ -228,7 +208,7 @@ class ImageProcessor:
         """One or many image inputs -> (B, 3, S, S) float32 tensor."""
         items = as_image_list(images)
         if not items:
-            raise ValueError("no images given")
+            raise UsageError("no images given")
         return torch.stack([self.preprocess(load_image(item)) for item in items])
 
     def to_dict(self) -> dict:
@@ -244,7 +224,7 @@ class ImageProcessor:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ImageProcessor key(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown ImageProcessor key(s): {', '.join(unknown)}")
         return cls(**d)
 
     @classmethod
@@ -252,63 +232,29 @@ class ImageProcessor:
         """Build from a transformers BlipImageProcessor ``preprocessor_config.json`` dict."""
         for flag in ("do_resize", "do_rescale", "do_normalize"):
             if d.get(flag) is False:
-                raise ValueError(f"unsupported preprocessor config: {flag}=false")
+                raise ConfigError(f"unsupported preprocessor config: {flag}=false")
         if d.get("do_center_crop"):
-            raise ValueError("unsupported preprocessor config: do_center_crop=true")
+            raise ConfigError("unsupported preprocessor config: do_center_crop=true")
         factor = d.get("rescale_factor")
         if factor is not None and abs(float(factor) - 1 / 255) > 1e-9:
-            raise ValueError(f"unsupported preprocessor config: rescale_factor={factor} (only 1/255)")
+            raise ConfigError(f"unsupported preprocessor config: rescale_factor={factor} (only 1/255)")
 
         size = d.get("size", _HF_DEFAULT_SIZE)
         if isinstance(size, dict):
             if "height" not in size or "width" not in size:
-                raise ValueError(f"size must have 'height' and 'width', got {size!r}")
+                raise ConfigError(f"size must have 'height' and 'width', got {size!r}")
             if size["height"] != size["width"]:
-                raise ValueError(f"only square sizes are supported, got {size['height']}x{size['width']}")
+                raise ConfigError(f"only square sizes are supported, got {size['height']}x{size['width']}")
             size = size["height"]
         if isinstance(size, bool) or not isinstance(size, int):
-            raise ValueError(f"size must be an int or a height/width dict, got {size!r}")
+            raise ConfigError(f"size must be an int or a height/width dict, got {size!r}")
 
         code = d.get("resample", int(Image.Resampling.BICUBIC))
         if code not in _RESAMPLE_FROM_PIL:
-            raise ValueError(f"unsupported resample code {code!r}; known: {_RESAMPLE_FROM_PIL}")
+            raise ConfigError(f"unsupported resample code {code!r}; known: {_RESAMPLE_FROM_PIL}")
         return cls(
             image_size=size,
             mean=tuple(d.get("image_mean", _CLIP_MEAN)),
             std=tuple(d.get("image_std", _CLIP_STD)),
             resample=_RESAMPLE_FROM_PIL[code],
         )
-
-
-VQA_TEMPLATE = "Question: {} Answer:"
-
-
-def build_prompt(template: str, text: str) -> str:
-    """Fill ``template``'s ``{}`` with the stripped ``text``."""
-    if "{}" not in template:
-        raise ValueError(f"prompt template needs a '{{}}' placeholder, got {template!r}")
-    return template.format(text.strip())
-
-
-def build_chat_prompt(
-    history: list[tuple[str, str]], message: str, template: str = VQA_TEMPLATE, separator: str = " "
-) -> str:
-    """BLIP-2 multi-turn prompt: past (question, answer) turns, then the new question awaiting an answer."""
-    turns = [f"{build_prompt(template, q)} {answer.strip()}".rstrip() for q, answer in history]
-    turns.append(build_prompt(template, message))
-    return separator.join(turns)
-
-
-def tokenize(tokenizer, texts: list[str], padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded ``(input_ids, attention_mask)`` for ``texts``; the tokenizer's own padding side is left as is.
-
-    A tokenizer without a pad token pads with its end-of-sequence token (the pad positions are masked).
-    """
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    old, tokenizer.padding_side = tokenizer.padding_side, padding_side
-    try:
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = old
-    return enc["input_ids"], enc["attention_mask"]

@@ -9,7 +9,7 @@
 # Usage: scripts/train_default.sh [RUN_DIR]   (re-running continues an interrupted stage with --resume)
 set -euo pipefail
 RUN=${1:-runs/default}
-resume_flag() { [ -f "$1/resume.pt" ] && echo --resume || true; }
+resume_flag() { [ -f "$1/resume.json" ] && echo --resume || true; }
 
 [ -d "$RUN/stage1/final" ] || python -m blipkit.train stage1 --config configs/default_stage1.json \
     --out "$RUN/stage1" $(resume_flag "$RUN/stage1")
@@ -25,5 +25,5 @@ resume_flag() { [ -f "$1/resume.pt" ] && echo --resume || true; }
 mkdir -p blipkit/weights/default
 cp "$RUN/stage1_heads/final-fp16/config.json" "$RUN/stage1_heads/final-fp16/bridge.safetensors" \
     blipkit/weights/default/
-python -m blipkit.train.vqa_eval blipkit/weights/default --limit 1000
+blipkit eval vqa-model --model blipkit/weights/default --dataset easy-vqa --limit 1000 --out runs/default/vqa.json
 echo "shipped: blipkit/weights/default ($(du -h blipkit/weights/default/bridge.safetensors | cut -f1))"

@@ -1,14 +1,24 @@
-"""Image folders for the captioning tests: good images of every mode, and every kind of unreadable file."""
+"""Image folders for the captioning tests (good images of every mode, every kind of unreadable file, odd
+names), running ``blipkit caption`` and reading its outputs."""
 
 from __future__ import annotations
 
+import csv
 import io
+import json
+import os
 import struct
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from blipkit import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--max-new-tokens", "4", "--batch-size", "4", "--workers", "0", "--threads", "1"]
 
 GOOD = {  # name -> how it is made: every one of these must be captioned
     "rgb.png": lambda rng: Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)),
@@ -22,6 +32,14 @@ GOOD = {  # name -> how it is made: every one of these must be captioned
     "scan.TIF": lambda rng: Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)),
     "old.bmp": lambda rng: Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)),
 }
+ODD_NAMES = [  # file names that break naive text formats
+    "new\nline.png",
+    "tab\there.png",
+    "quo\"te's.png",
+    "com,ma.png",
+    "line\u2028sep.png",
+    os.fsdecode(b"bad\xff.png"),  # not UTF-8
+]
 BAD = {  # name -> the words its error reason must contain
     "empty.png": "empty file",
     "truncated.jpg": "truncated",
@@ -78,3 +96,34 @@ def make_plain(folder: Path, n: int, size: int = 28) -> list[Path]:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
+
+
+def make_named(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Small random RGB images with these names, each in the format of its extension."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = [folder / name for name in names]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(p)
+    return paths
+
+
+def python_env() -> dict[str, str]:
+    """The environment of a child ``python`` that imports this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def caption(folder, opt_dir, *extra) -> int:
+    return cli.main(["caption", str(folder), "--model", str(opt_dir), *ARGS, *map(str, extra)])
+
+
+def read_rows(out: Path) -> list[dict]:
+    """The rows of a JSONL, CSV or Parquet output, without empty cells."""
+    if out.suffix == ".csv":
+        with open(out, newline="", encoding="utf-8") as f:
+            return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+    if out.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [{k: v for k, v in row.items() if v is not None} for row in pq.read_table(out).to_pylist()]
+    return [json.loads(line) for line in out.read_bytes().splitlines()]

@@ -67,15 +67,19 @@ def test_chat_keeps_history_and_survives_overflow(opt_dir, images):
     chat = m.chat(paths[0], max_new_tokens=6)
     first = chat.send("what is it ?")
     assert chat.history == [("what is it ?", first)]
-    prompt = chat.prompt("what color is the dog ?")
+    prompt = chat.prompt("what color is the dog ?").text
     assert prompt.startswith("Question: what is it ? Answer:")
     for i in range(6):
         chat.send(f"is the dog red ? {i}")
     assert len(chat.history) == 7
-    prompt = chat.prompt("what color is the cat ?")
-    assert "what is it ?" not in prompt  # oldest turns dropped
+    fitted = chat.prompt("what color is the cat ?")
+    prompt = fitted.text
+    assert fitted.dropped_turns > 0 and "what is it ?" not in prompt  # oldest turns dropped
     assert prompt.endswith("Question: what color is the cat ? Answer:")
     assert len(m.tokenizer(prompt)["input_ids"]) <= 40 - 4 - 6
+    assert fitted.llm_ids == m.tokenizer(prompt)["input_ids"]
+    with_one_more = "Question: " + chat.history[-fitted.dropped_turns][0]  # the newest turn left out
+    assert len(m.tokenizer(with_one_more + " " + prompt)["input_ids"]) > 40 - 4 - 6
     assert isinstance(chat.send("what color is the cat ?"), str)
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
-from batch_images import BAD, GOOD, make_collection
+from batch_images import ARGS, BAD, GOOD, caption, make_collection, read_rows
 
 import blipkit
 from blipkit import cli
 from blipkit.batch.files import key_of
-
-ARGS = ["--max-new-tokens", "4", "--batch-size", "4", "--workers", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +20,6 @@ def model(opt_dir):
 @pytest.fixture()
 def folder(tmp_path):
     return make_collection(tmp_path / "images")
-
-
-def caption(folder, opt_dir, *extra) -> int:
-    return cli.main(["caption", str(folder), "--model", str(opt_dir), *ARGS, *map(str, extra)])
-
-
-def read_rows(out) -> list[dict]:
-    if out.suffix == ".csv":
-        with open(out, newline="") as f:
-            return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
-    if out.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [{k: v for k, v in row.items() if v is not None} for row in pq.read_table(out).to_pylist()]
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def test_every_bad_kind_reported_good_ones_captioned(folder, opt_dir, model, tmp_path, capsys):

@@ -10,12 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from batch_images import make_plain
+from batch_images import ROOT, make_plain, python_env
 from hf_tiny import make_blip2
 
 from blipkit.batch.files import key_of
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _command(folder: Path, model: Path, out: Path) -> list[str]:
@@ -34,7 +32,7 @@ def test_kill_mid_run_then_resume(tmp_path):
     make_blip2(model, llm="opt", num_query_tokens=4)
     images = make_plain(tmp_path / "images", 300)
     out = tmp_path / "caps.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = python_env()
     proc = subprocess.Popen(
         _command(tmp_path / "images", model, out),
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,

@@ -6,8 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 import blipkit
+from blipkit.models.decoding import Sampling
 from blipkit.serve.engine import Engine
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -46,7 +48,7 @@ def test_default_served_batch_equals_one_by_one(default):
     """Question-aware queries through the server's lean greedy loop: a batch of mixed prompt lengths (one
     image cached before) answers as ``ask`` does one question at a time through transformers' ``generate``."""
     engine = Engine(default, batch_window_ms=500)  # long enough for the four threads to share one batch
-    assert engine.decoder is not None and not engine.prefix_kv  # the visual prompt reads the question
+    assert engine.decoder.path(Sampling()) == "lean" and not engine.prefix_kv  # the prompt reads the question
     asks = [
         ("red_circle.png", "what shape is in the image?"),
         ("blue_triangle.png", "what color is the shape?"),
@@ -56,15 +58,30 @@ def test_default_served_batch_equals_one_by_one(default):
     data = {name: (EXAMPLES / name).read_bytes() for name, _ in asks}
 
     def ask(name: str, question: str) -> str:
-        text, ids = engine.prompt([], question, 10)
-        return engine.run(data[name], name, ids, text, max_tokens=10).text
+        return engine.run(data[name], name, engine.prompt([], question, 10), max_tokens=10).text
 
     ask("red_circle.png", "what is this?")  # cached from here on
     with ThreadPoolExecutor(len(asks)) as pool:
         answers = list(pool.map(lambda a: ask(*a), asks))
     engine.stop()
     assert engine.largest_batch > 1
-    assert answers == [default.ask(EXAMPLES / name, question) for name, question in asks]
+    assert answers == [transformers_answer(default, EXAMPLES / name, question) for name, question in asks]
+
+
+def transformers_answer(model, image, question: str, n: int = 10) -> str:
+    """The answer of transformers' own ``generate`` (the reference path), one question at a time."""
+    prompt = model.text.prompt(model.text.question(question), n)
+    visual = model.visual([image], [prompt.qformer_text])
+    tokens = model.model.generate(
+        visual.pixel_values,
+        torch.tensor([prompt.llm_ids]),
+        qformer_input_ids=visual.qformer_input_ids,
+        qformer_attention_mask=visual.qformer_attention_mask,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=model.text.llm_pad_id,
+    )
+    return model.text.decode(tokens[0])
 
 
 def test_default_matches_captions_against_hard_negatives(default):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import blipkit
-from blipkit import cli
+from blipkit.cli_options import add_model_args
 from blipkit.eval import cli as eval_cli
 from blipkit.eval.recall import group_pairs, recall_at_k, rerank_scores, retrieval_eval
 
@@ -72,7 +72,7 @@ def test_retrieval_eval_matches_model_similarity(retrieval_dir, pairs):
 
 def test_eval_retrieval_cli(retrieval_dir, pairs, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    eval_cli.register(parser.add_subparsers(dest="command"), cli._model_arg)
+    eval_cli.register(parser.add_subparsers(dest="command"), add_model_args)
     out = tmp_path / "r.json"
     args = parser.parse_args(
         [

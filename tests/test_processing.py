@@ -1,4 +1,4 @@
-"""Tests for blipkit.processing: image loading, preprocessing, prompt helpers."""
+"""Tests for blipkit.processing: image loading and preprocessing."""
 
 from __future__ import annotations
 
@@ -11,15 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blipkit.processing import (
-    VQA_TEMPLATE,
-    ImageError,
-    ImageProcessor,
-    as_image_list,
-    build_chat_prompt,
-    build_prompt,
-    load_image,
-)
+from blipkit.processing import ImageError, ImageProcessor, as_image_list, load_image
 
 
 def _rgb(w: int = 40, h: int = 20, seed: int = 0) -> PIL.Image.Image:
@@ -333,26 +325,3 @@ def test_parity_with_transformers_blip_image_processor(resample):
     got = ours(images).numpy()
     assert got.shape == expected.shape == (3, 3, 30, 30)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def test_build_prompt():
-    assert build_prompt(VQA_TEMPLATE, "  what is it?\n") == "Question: what is it? Answer:"
-    assert build_prompt("a photo of {}", "a dog") == "a photo of a dog"
-    with pytest.raises(ValueError, match="placeholder"):
-        build_prompt("Question:", "x")
-
-
-def test_build_chat_prompt():
-    history = [("what is it?", "a cat")]
-    assert (
-        build_chat_prompt(history, "what color?")
-        == "Question: what is it? Answer: a cat Question: what color? Answer:"
-    )
-    assert build_chat_prompt([], "hi") == "Question: hi Answer:"
-    two = build_chat_prompt([("q1", "a1"), ("q2", "a2")], "q3", template="Q: {} A:", separator="\n")
-    assert two == "Q: q1 A: a1\nQ: q2 A: a2\nQ: q3 A:"
-    with pytest.raises(ValueError):
-        build_chat_prompt(history, "x", template="no placeholder")

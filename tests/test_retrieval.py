@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import Blip2ForImageTextRetrieval
 
 import blipkit
-from blipkit import cli
+from blipkit import errors
+from blipkit.cli_options import add_model_args
 from blipkit.retrieval import ImageIndex, Searcher, build_index, rerank
 from blipkit.retrieval import cli as retrieval_cli
-from blipkit.retrieval.search import encode_images, itm_logits
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def folder(tmp_path_factory):
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    retrieval_cli.register(parser.add_subparsers(dest="command"), cli._model_arg)
+    retrieval_cli.register(parser.add_subparsers(dest="command"), add_model_args)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -111,30 +112,22 @@ def test_faiss_and_exact_search_agree(model, index):
     assert [row[0].path for row in exact] == index.paths[:2]  # an image is its own nearest neighbour
 
 
-def test_rerank_orders_by_itm_logit_plus_itc(model, index):
+@torch.inference_mode()
+def test_rerank_orders_by_itm_logit_plus_itc(model, index, retrieval_dir):
     index, _ = index
     hits = Searcher(index).search_texts(model.embed_texts(["a red circle"]), k=6)[0]
     itc = {h.path: h.itc for h in hits}
     reranked = rerank(model, hits, "a red circle", top=4)
-    head = reranked[:4]
-    logits = itm_logits(model, encode_images(model, [h.path for h in head]), ["a red circle"] * 4)
-    assert [h.score for h in head] == pytest.approx(
-        (logits + torch.tensor([itc[h.path] for h in head])).tolist()
-    )
-    assert [h.score for h in head] == sorted((h.score for h in head), reverse=True)
-    assert {h.path for h in reranked[4:]} == {h.path for h in hits} - {h.path for h in head}
-    # the logits are those of the model's own ITM probabilities
-    probs = model.match([h.path for h in head], "a red circle")[:, 0]
-    assert probs.tolist() == pytest.approx(
-        torch.sigmoid(logits - itm_logits_other(model, head)).tolist(), abs=1e-5
-    )
-
-
-@torch.inference_mode()
-def itm_logits_other(model, hits):
-    feats = encode_images(model, [h.path for h in hits])
-    tok = model.qformer_tokenizer(["a red circle"] * len(hits), return_tensors="pt")
-    return model.model.qformer.itm_logits(feats, tok["input_ids"], tok["attention_mask"])[:, 0]
+    head = hits[:4]  # the ITC top 4, scored independently by transformers' own retrieval model
+    hf = Blip2ForImageTextRetrieval.from_pretrained(retrieval_dir, attn_implementation="sdpa").eval()
+    enc = model.qformer_tokenizer(["a red circle"] * 4, return_tensors="pt")
+    pixels = model.pixel_values([h.path for h in head])
+    itm = hf(pixel_values=pixels, **enc, use_image_text_matching_head=True).logits_per_image[:, 1]
+    expected = sorted(((float(itm[i]) + itc[h.path], h.path) for i, h in enumerate(head)), reverse=True)
+    assert [h.path for h in reranked[:4]] == [path for _, path in expected]
+    assert [h.score for h in reranked[:4]] == pytest.approx([score for score, _ in expected], abs=1e-4)
+    assert [h.path for h in reranked[4:]] == [h.path for h in hits[4:]]  # the rest keep ITC order
+    assert len({h.path for h in reranked}) == len(hits)
 
 
 def test_search_cli_text_image_and_rerank(index, capsys):
@@ -146,7 +139,7 @@ def test_search_cli_text_image_and_rerank(index, capsys):
     assert run(["search", str(out), "--image", some_image, "-k", "2", "--backend", "exact"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows[0]["path"] == some_image and len(rows) == 2
-    with pytest.raises(cli.UsageError):
+    with pytest.raises(errors.UsageError):
         run(["search", str(out)])
 
 
@@ -156,7 +149,7 @@ def test_index_cli_reports_failures(retrieval_dir, folder, tmp_path, capsys):
         (tmp_path / "in" / p.name).write_bytes(p.read_bytes())
     (tmp_path / "in" / "bad.jpg").write_bytes(b"nope")
     argv = ["index", str(tmp_path / "in"), "--out", str(tmp_path / "idx"), "--model", str(retrieval_dir)]
-    assert run(argv) == cli.EXIT_SOME_FAILED
+    assert run(argv) == errors.EXIT_SOME_FAILED
     assert "bad.jpg" in capsys.readouterr().err
     (tmp_path / "in" / "bad.jpg").unlink()
     assert run(argv) == 0

@@ -21,8 +21,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import blipkit  # noqa: E402
-from blipkit import cli  # noqa: E402
-from blipkit.processing import build_chat_prompt  # noqa: E402
+from blipkit.cli_options import add_model_args
 from blipkit.serve import cli as serve_cli  # noqa: E402
 from blipkit.serve import create_app  # noqa: E402
 from blipkit.serve.engine import Engine  # noqa: E402
@@ -107,7 +106,7 @@ def test_multi_turn_uses_history(client, model):
         {"role": "user", "content": "what color is it?"},
     ]
     r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5})
-    prompt = build_chat_prompt([("what is it?", "a cat")], "what color is it?")
+    prompt = "Question: what is it? Answer: a cat Question: what color is it? Answer:"
     assert (
         r.json()["choices"][0]["message"]["content"] == model.generate([img], [prompt], max_new_tokens=5)[0]
     )
@@ -118,11 +117,13 @@ def test_history_is_trimmed_to_the_context_window(model):
     model.config.llm.max_context = 40  # 4 visual tokens + 6 new tokens leave 30 for the prompt
     try:
         history = [(f"is the dog red ? {i}", "green that cat") for i in range(8)]
-        text, ids = engine.prompt(history, "what color is the cat ?", max_tokens=6)
-        assert len(ids) <= 30 and "? 0" not in text
-        assert text.endswith("Question: what color is the cat ? Answer:")
-        _, long_ids = engine.prompt([], "cat " * 100, max_tokens=6)
-        assert len(long_ids) <= 30  # a message longer than the window keeps its end
+        fitted = engine.prompt(history, "what color is the cat ?", max_tokens=6)
+        assert len(fitted.llm_ids) <= 30 and "? 0" not in fitted.text and fitted.dropped_turns > 0
+        assert fitted.text.endswith("Question: what color is the cat ? Answer:")
+        long = engine.prompt([], "cat " * 100, max_tokens=6)
+        assert len(long.llm_ids) <= 30 and long.truncated  # a message longer than the window keeps its end
+        full = model.tokenizer(long.text)["input_ids"]
+        assert long.llm_ids == full[:1] + full[-29:]  # BOS, then the end of the question
     finally:
         model.config.llm.max_context = None
 
@@ -156,14 +157,14 @@ def test_concurrent_requests_are_batched_and_equal_one_by_one(model):
 
     def one(i: int) -> str:
         key = f"img{i}"
-        return engine.run(images[i], key, prompts[i][1], prompts[i][0], max_tokens=6).text
+        return engine.run(images[i], key, prompts[i], max_tokens=6).text
 
     with ThreadPoolExecutor(5) as pool:
         answers = list(pool.map(one, range(5)))
     engine.stop()
     assert engine.largest_batch >= 2
     expected = [
-        model.generate([im], [p[0]], max_new_tokens=6)[0] for im, p in zip(images, prompts, strict=True)
+        model.generate([im], [p.text], max_new_tokens=6)[0] for im, p in zip(images, prompts, strict=True)
     ]
     assert answers == expected
 
@@ -261,7 +262,7 @@ def test_remote_images_only_when_allowed(model):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
     try:
-        c = TestClient(create_app(model, allow_remote_images=True))
+        c = TestClient(create_app(model, allow_remote_images=True, allow_private_networks=True))
         r = c.post("/v1/chat/completions", json={"messages": ask(url), "max_tokens": 4})
         assert r.status_code == 200, r.text
         expected = model.generate([img], ["Question: what is it? Answer:"], max_new_tokens=4)[0]
@@ -273,7 +274,7 @@ def test_remote_images_only_when_allowed(model):
 
 def test_cli_serve_arguments_and_missing_extra(monkeypatch, capsys):
     parser = argparse.ArgumentParser(prog="blipkit")
-    serve_cli.register(parser.add_subparsers(), cli._model_arg)
+    serve_cli.register(parser.add_subparsers(), add_model_args)
     args = parser.parse_args(["serve"])
     assert (args.host, args.port, args.api_key, args.allow_remote_images) == ("127.0.0.1", 8000, None, False)
     assert args.func is serve_cli.cmd_serve

@@ -11,9 +11,12 @@ from hf_tiny import make_blip2
 from PIL import Image
 
 import blipkit
+from blipkit.models.blip2 import Visual
+from blipkit.models.decoding import Sampling
+from blipkit.models.llm_io import cache_keyword
+from blipkit.models.prefix_cache import compute_prefix_kv, row_kv, stack_kv, supports_prefix_kv
 from blipkit.serve.cache import FeatureCache, ImageEntry
 from blipkit.serve.engine import Engine, Job
-from blipkit.serve.prefix import compute_prefix_kv, generate_after_prefix, row_kv, supports_prefix_kv
 
 QUESTIONS = [  # different prompt lengths
     "what ?",
@@ -47,17 +50,6 @@ def model(request):
     return request.getfixturevalue(request.param)
 
 
-def left_padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tokenizer(t)["input_ids"] for t in texts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def entry_tensors(entry: ImageEntry) -> list[torch.Tensor]:
     return [entry.features, *(t for layer in entry.kv for t in layer)]
 
@@ -69,14 +61,14 @@ def run_batch(engine: Engine, items: list[tuple[int, str, int]], **options) -> R
     """Runs (image seed, question, max_tokens) jobs as one batch on this thread."""
     ran: Ran = []
     for seed, question, max_tokens in items:
-        text, ids = engine.prompt([], question, max_tokens)
+        prompt = engine.prompt([], question, max_tokens)
         key = f"img{seed}"
         entry = engine.cached(key)
         pixels = None if entry is not None else engine.pixels(png(seed))
         events: list = []
-        job = Job(key, ids, text, events.append, entry, pixels, max_tokens=max_tokens, **options)
+        job = Job(key, prompt, events.append, entry, pixels, max_tokens=max_tokens, **options)
         ran.append((job, events))
-    engine._run([job for job, _ in ran])
+    engine.run_batch([job for job, _ in ran])
     return ran
 
 
@@ -93,10 +85,10 @@ def outcome(ran: Ran) -> list[tuple]:
 def test_logits_and_tokens_equal_the_uncached_layout(model):
     blip, tok = model.model, model.tokenizer
     torch.manual_seed(0)
-    prefix = blip._prefix(torch.randn(3, 3, 28, 28))  # (3, Q, D): three images
+    prefix = blip.visual_prompt(Visual(torch.randn(3, 3, 28, 28)))  # (3, Q, D): three images
     kv = compute_prefix_kv(blip.llm, prefix)
     assert kv is not None and kv[0][0].shape[-2] == prefix.shape[1]
-    texts = QUESTIONS[:3]
+    rows = [model.text.llm_ids(t)[0] for t in QUESTIONS[:3]]
     options = {
         "max_new_tokens": 8,
         "do_sample": False,
@@ -105,15 +97,26 @@ def test_logits_and_tokens_equal_the_uncached_layout(model):
         "output_logits": True,
         "return_dict_in_generate": True,
     }
-    ids, mask = model._tokenize(tok, texts)  # right-padded: today's path left-packs [pad][prefix][text]
-    plain = blip.generate(None, ids, mask, prefix=prefix, **options)
-    ids, mask = left_padded(tok, texts)
-    cached = generate_after_prefix(blip, prefix, [row_kv(kv, i) for i in range(3)], ids, mask, **options)
+    ids, mask = model.text.llm_batch(rows)  # right-padded: the uncached path left-packs [pad][prefix][text]
+    plain = blip.hf_generate(blip.llm_inputs(prefix, ids, mask), **options)
+    ids, mask = model.text.llm_batch(rows, side="left")  # [prefix from the cache][pad][text]
+    inputs = blip.llm_inputs(prefix, ids, mask)
+    cache = {cache_keyword(blip.llm): stack_kv(blip.llm, [row_kv(kv, i) for i in range(3)])}
+    cached = blip.llm.generate(inputs_embeds=inputs.embeds, attention_mask=inputs.mask, **cache, **options)
     assert mask.sum(1).unique().numel() == 3  # three prompt lengths in one batch
-    torch.testing.assert_close(cached.logits[0], plain.logits[0], atol=1e-4, rtol=1e-4)
     for step_cached, step_plain in zip(cached.logits, plain.logits, strict=True):
         torch.testing.assert_close(step_cached, step_plain, atol=1e-4, rtol=1e-4)
     assert torch.equal(cached.sequences, plain.sequences)
+    # the decoder's two loops after the cached prefix give transformers' uncached tokens
+    eos = tok.eos_token_id
+    expected = [row[: row.index(eos)] if eos in row else row for row in plain.sequences.tolist()]
+    decoder = model.decoder
+    lean = decoder.generate(inputs, 8, prefix_kv=[row_kv(kv, i) for i in range(3)])
+    assert decoder.path(Sampling()) == "lean"
+    forced = Sampling(options={"repetition_penalty": 1.0})  # any option: transformers' loop
+    assert decoder.path(forced) == "transformers"
+    through_hf = decoder.generate(inputs, 8, forced, prefix_kv=[row_kv(kv, i) for i in range(3)])
+    assert lean == through_hf == [r[:8] for r in expected]
 
 
 def test_engine_answers_equal_without_kv_cache(model):
@@ -157,7 +160,7 @@ def test_cache_hit_skips_vision_and_llm_prefix(opt):
     ]
     try:
         batch = [(5, QUESTIONS[0], 4), (6, QUESTIONS[1], 4)]
-        width = max(len(engine.prompt([], q, 4)[1]) for _, q, _ in batch)
+        width = max(len(engine.prompt([], q, 4).llm_ids) for _, q, _ in batch)
         run_batch(engine, batch)  # misses: one vision pass, one LLM pass over the prefixes, then the text
         assert len(vision_calls) == 1 and llm_lengths[:2] == [Q, width]
         vision_calls.clear()
@@ -216,7 +219,7 @@ def test_models_without_reusable_prefix_keep_todays_path(tmp_path, opt):
     assert not supports_prefix_kv(t5.model) and engine.stats()["cache"]["prefix_kv"] is False
     ran = run_batch(engine, [(0, QUESTIONS[0], 4), (1, QUESTIONS[1], 4)])
     assert engine.cached("img0").kv is None
-    expected = t5.generate([png(0), png(1)], [job.prompt for job, _ in ran], max_new_tokens=4)
+    expected = t5.generate([png(0), png(1)], [job.prompt.text for job, _ in ran], max_new_tokens=4)
     assert [r[2] for r in outcome(ran)] == expected
 
     opt.config.bridge.text_input = True  # question-aware: the visual prompt depends on the text

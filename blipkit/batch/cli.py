@@ -20,8 +20,8 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
         "caption",
         help="caption images and folders (rows {path, caption} or {path, error}); resumes --out",
         description="Caption image files and folders. Rows {path, caption}, or {path, error} for files that "
-        "cannot be read. An existing --out is resumed: images already in it are skipped. "
-        "Exit code 3 when some images failed.",
+        "cannot be read. An existing --out is resumed: images already in it are skipped. One run at a time "
+        "writes an --out (it holds <out>.lock). Exit code 3 when some images failed.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
@@ -31,7 +31,8 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
         default=None,
         choices=FORMATS,
         help="jsonl (default), csv, parquet, or txt: a <image-stem>.txt next to each image "
-        "(failures then go to --out as JSONL, or stdout)",
+        "(failures then go to --out as JSONL, or stdout); of images sharing a stem (a.jpg, a.png) "
+        "only the first by name gets one, the others an error row",
     )
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--batch-size", type=int, default=8)
@@ -82,6 +83,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        trust_remote_code=getattr(args, "trust_remote_code", False),
         workers=args.workers if args.workers is not None else default_workers(),
         threads=args.threads,
         progress=args.progress,

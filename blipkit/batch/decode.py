@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from blipkit.processing import ImageError, ImageProcessor, load_image
+from blipkit.batch.files import load_listed
+from blipkit.processing import ImageError, ImageProcessor
 
 Item = tuple[str, str]  # (output key: resolved path, path to open)
 
@@ -18,7 +19,7 @@ Item = tuple[str, str]  # (output key: resolved path, path to open)
 def decode_one(processor: ImageProcessor, path: str) -> tuple[Tensor | None, str | None]:
     """(pixels (3, S, S), None) or (None, reason) for an image that cannot be read."""
     try:
-        return processor.preprocess(load_image(path)), None
+        return processor.preprocess(load_listed(path)), None
     except ImageError as e:
         return None, e.reason
     except Exception as e:  # a decoder bug must cost one image, not the run

@@ -38,6 +38,7 @@ class Job:
     model: str = "default"
     dtype: str | None = None
     device: str | None = None
+    trust_remote_code: bool = False  # let the checkpoint's dirs run the Python code they ship
     workers: int = field(default_factory=default_workers)
     threads: int | None = None
     progress: bool = False
@@ -60,7 +61,10 @@ class Summary:
 
 
 def pending(job: Job, sink: Sink, summary: Summary) -> Iterator[Item]:
-    """Images not yet in the output, each once, lazily; counts the skipped ones."""
+    """Images not yet in the output, each once, lazily; counts the skipped ones.
+
+    An image the output cannot hold (``sink.conflict``) gets its error row here and is not captioned.
+    """
     seen: set[str] = set()
     for path in iter_images(job.paths, job.recursive):
         key = key_of(path)
@@ -69,6 +73,11 @@ def pending(job: Job, sink: Sink, summary: Summary) -> Iterator[Item]:
             seen.add(key)
             continue
         seen.add(key)
+        reason = sink.conflict(key)
+        if reason is not None:
+            sink.write(result_rows([key], {}, {key: reason}))
+            summary.failed += 1
+            continue
         yield key, str(path)
 
 

@@ -29,7 +29,13 @@ def run_local(job: Job, sink: Sink) -> Summary:
     if first is None:  # everything is in the output already: no need for the model
         return summary
     torch.set_num_threads(job.threads or model_threads())
-    model = blipkit.load(job.model, dtype=job.dtype, device=job.device, batch_size=job.batch_size)
+    model = blipkit.load(
+        job.model,
+        dtype=job.dtype,
+        device=job.device,
+        batch_size=job.batch_size,
+        trust_remote_code=job.trust_remote_code,
+    )
     captioner = Captioner(model, job.prompt, job.max_new_tokens, job.num_beams)
     progress = Progress(job, summary)
     try:

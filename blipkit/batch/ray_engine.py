@@ -29,7 +29,13 @@ class CaptionActor:
 
         if job.threads:
             torch.set_num_threads(job.threads)
-        self.model = blipkit.load(job.model, dtype=job.dtype, device=job.device, batch_size=job.batch_size)
+        self.model = blipkit.load(
+            job.model,
+            dtype=job.dtype,
+            device=job.device,
+            batch_size=job.batch_size,
+            trust_remote_code=job.trust_remote_code,
+        )
         self.captioner = Captioner(self.model, job.prompt, job.max_new_tokens, job.num_beams)
         self.pool = ThreadPoolExecutor(max(1, job.workers))  # Pillow decodes without holding the GIL
 

@@ -1,9 +1,15 @@
 """Output sinks that survive ``kill -9`` and resume: JSONL, CSV, Parquet and sidecar ``.txt`` files.
 
-Every sink answers ``is_done(path)`` (already in the output), takes rows ``{"path", "caption"}`` or
-``{"path", "error"}`` and is closed at the end. JSONL is appended in whole lines (a torn last line is cut off
-on resume); CSV and Parquet are rewritten to a temporary file and renamed over the output, so a kill leaves
-the previous file or the new one, never a mix.
+Every sink answers ``is_done(path)`` (already in the output) and ``conflict(path)`` (why it cannot hold that
+image), takes rows ``{"path", "caption"}`` or ``{"path", "error"}`` and is closed at the end. A sink holds an
+exclusive lock on its output file from start to close (see ``lock.py``). JSONL is appended in whole lines (a
+torn last line is cut off on resume); CSV and Parquet are rewritten to a temporary file and renamed over the
+output, so a kill leaves the previous file or the new one, never a mix. A write that fails (a full disk) is
+undone before the error is raised, so the output is always as it was after the last good batch.
+
+File names are data: JSONL escapes newlines and every non-ASCII character, so U+2028 and the surrogates that
+stand for bytes that are not UTF-8 round-trip exactly; CSV and Parquet hold UTF-8 text, where such bytes are
+written ``\\xNN`` (as ``ls -b`` does).
 """
 
 from __future__ import annotations
@@ -14,8 +20,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Protocol
+
+from blipkit.batch.files import scan_folder
+from blipkit.batch.lock import OutputLock
+from blipkit.errors import OutputWriteError, UsageError
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 COLUMNS = ("path", "caption", "error")
@@ -23,6 +35,7 @@ COLUMNS = ("path", "caption", "error")
 
 class Sink(Protocol):
     def is_done(self, path: str) -> bool: ...
+    def conflict(self, path: str) -> str | None: ...
     def write(self, rows: list[dict]) -> None: ...
     def close(self) -> None: ...
 
@@ -34,6 +47,36 @@ def _replace(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+@contextmanager
+def _undone_on_error(out: Path, undo: Callable[[], object]) -> Iterator[None]:
+    """Turn an ``OSError`` inside into an ``OutputWriteError``, after ``undo()`` removed the partial write."""
+    try:
+        yield
+    except OSError as e:
+        with suppress(OSError):
+            undo()
+        raise OutputWriteError(
+            f"cannot write {out}: {e.strerror or e}. Nothing was lost: the output holds every result written "
+            "before; fix that (e.g. free some disk space) and run the same command again to resume"
+        ) from e
+
+
+@contextmanager
+def _released_on_error(lock: OutputLock) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        raise
+
+
+def as_text(value: str | None) -> str | None:
+    """``value`` as valid UTF-8 text: bytes of a file name that are not UTF-8 become ``\\xNN``."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class JsonlSink:
     """Appends one JSON line per row; ``out=None`` writes to ``stream`` (stdout) and resumes nothing."""
 
@@ -42,11 +85,14 @@ class JsonlSink:
         self.stream = stream or sys.stdout
         self.done: set[str] = set()
         self._fd: int | None = None
+        self._lock: OutputLock | None = None
         if out is not None:
-            if not overwrite:
-                self.done = self._repair_and_read(out)
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_APPEND)
-            self._fd = os.open(out, flags, 0o644)
+            self._lock = OutputLock(out).acquire()
+            with _released_on_error(self._lock):
+                if not overwrite:
+                    self.done = self._repair_and_read(out)
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_APPEND)
+                self._fd = os.open(out, flags, 0o644)
 
     @staticmethod
     def _repair_and_read(out: Path) -> set[str]:
@@ -70,20 +116,28 @@ class JsonlSink:
     def is_done(self, path: str) -> bool:
         return path in self.done
 
+    def conflict(self, path: str) -> str | None:
+        return None
+
     def write(self, rows: list[dict]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        text = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
         if self._fd is None:
             self.stream.write(text)
             self.stream.flush()
             return
-        data = text.encode()
-        while data:  # one write syscall in practice; a kill mid-way leaves a torn line that resume cuts off
-            data = data[os.write(self._fd, data) :]
+        data = text.encode("ascii")
+        fd = self._fd
+        size = os.fstat(fd).st_size
+        with _undone_on_error(self.out, lambda: os.ftruncate(fd, size)):
+            while data:  # one write syscall in practice; a kill mid-way leaves a torn line, cut off on resume
+                data = data[os.write(fd, data) :]
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._lock is not None:
+            self._lock.release()
 
 
 class _SnapshotSink:
@@ -94,16 +148,21 @@ class _SnapshotSink:
     ):
         self.out = out
         self.tmp = out.with_name(out.name + ".tmp")
-        self.tmp.unlink(missing_ok=True)  # left by a killed run: never the real output
-        self.flush_seconds = flush_seconds
-        self.flush_rows = flush_rows
-        self.fresh = overwrite or not out.exists()  # the next snapshot does not copy the old file
-        self.done: set[str] = set() if self.fresh else self._read_paths()
+        self._lock = OutputLock(out).acquire()
+        with _released_on_error(self._lock):
+            self.tmp.unlink(missing_ok=True)  # left by a killed run: never the real output
+            self.flush_seconds = flush_seconds
+            self.flush_rows = flush_rows
+            self.fresh = overwrite or not out.exists()  # the next snapshot does not copy the old file
+            self.done: set[str] = set() if self.fresh else self._read_paths()
         self.pending: list[dict] = []
         self._last = time.monotonic()
 
     def is_done(self, path: str) -> bool:
-        return path in self.done
+        return as_text(path) in self.done
+
+    def conflict(self, path: str) -> str | None:
+        return None
 
     def write(self, rows: list[dict]) -> None:
         self.pending.extend(rows)
@@ -113,14 +172,18 @@ class _SnapshotSink:
     def flush(self) -> None:
         if not self.pending and not self.fresh:
             return
-        self._snapshot(self.pending)
-        _replace(self.tmp, self.out)
+        with _undone_on_error(self.out, lambda: self.tmp.unlink(missing_ok=True)):
+            self._snapshot([{c: as_text(r.get(c)) for c in COLUMNS} for r in self.pending])
+            _replace(self.tmp, self.out)
         self.pending = []
         self.fresh = False
         self._last = time.monotonic()
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
 
     def _read_paths(self) -> set[str]:
         raise NotImplementedError
@@ -173,7 +236,7 @@ class ParquetSink(_SnapshotSink):
                 for i in range(old.num_row_groups):  # one row group in memory at a time
                     writer.write_table(old.read_row_group(i))
             if rows:
-                table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], self.schema)
+                table = pa.Table.from_pylist(rows, self.schema)
                 writer.write_table(table)
 
 
@@ -183,14 +246,38 @@ def sidecar(path: str) -> Path:
 
 
 class SidecarSink:
-    """One ``<image-stem>.txt`` per captioned image; failures go to ``errors`` (a JSONL sink)."""
+    """One ``<image-stem>.txt`` per captioned image; failures go to ``errors`` (a JSONL sink).
+
+    Of the images of a folder that share a stem (``a.jpg``, ``a.png``), the sidecar is for the first by name;
+    the others get an error row.
+    """
 
     def __init__(self, errors: JsonlSink, overwrite: bool = False):
         self.errors = errors
         self.overwrite = overwrite
+        self._shared: dict[str, dict[str, str]] = {}  # folder -> {sidecar name shared by images: its image}
+
+    def _owners(self, folder: str) -> dict[str, str]:
+        if folder not in self._shared:
+            groups: dict[str, list[str]] = {}
+            with suppress(OSError):
+                for entry in scan_folder(folder)[0]:  # in name order
+                    groups.setdefault(sidecar(entry.name).name, []).append(entry.name)
+            self._shared[folder] = {txt: names[0] for txt, names in groups.items() if len(names) > 1}
+        return self._shared[folder]
+
+    def conflict(self, path: str) -> str | None:
+        folder, name = os.path.split(path)
+        txt = sidecar(name).name
+        owner = self._owners(folder).get(txt, name)
+        if owner == name:
+            return None
+        return f"sidecar {txt} is for {owner}, the first image by name with that stem: rename this image"
 
     def is_done(self, path: str) -> bool:
-        return self.errors.is_done(path) or (not self.overwrite and sidecar(path).exists())
+        if self.errors.is_done(path):
+            return True
+        return not self.overwrite and self.conflict(path) is None and sidecar(path).exists()
 
     def write(self, rows: list[dict]) -> None:
         failed = [r for r in rows if "error" in r]
@@ -198,8 +285,9 @@ class SidecarSink:
             if "caption" in r:
                 target = sidecar(r["path"])
                 tmp = target.with_name(target.name + ".tmp")
-                tmp.write_text(r["caption"] + "\n", encoding="utf-8")
-                os.replace(tmp, target)
+                with _undone_on_error(target, lambda tmp=tmp: tmp.unlink(missing_ok=True)):
+                    tmp.write_text(r["caption"] + "\n", encoding="utf-8")
+                    os.replace(tmp, target)
         if failed:
             self.errors.write(failed)
 
@@ -215,9 +303,9 @@ def open_sink(fmt: str, out: str | os.PathLike | None, overwrite: bool = False) 
     if fmt == "txt":
         return SidecarSink(JsonlSink(path, overwrite), overwrite)
     if path is None:
-        raise ValueError(f"--format {fmt} needs --out FILE")
+        raise UsageError(f"--format {fmt} needs --out FILE")
     if fmt == "csv":
         return CsvSink(path, overwrite)
     if fmt == "parquet":
         return ParquetSink(path, overwrite)
-    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    raise UsageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

@@ -12,7 +12,16 @@ from typing import Any
 
 from torch import Tensor
 
-from blipkit.config import Blip2Config, BridgeConfig, LLMConfig, PromptConfig, QFormerConfig, VisionConfig
+from blipkit.config import (
+    Blip2Config,
+    BridgeConfig,
+    LLMConfig,
+    PromptConfig,
+    QFormerConfig,
+    VisionConfig,
+    check_type,
+)
+from blipkit.errors import ConfigError
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -133,50 +142,85 @@ def fill_missing(state_dict: dict[str, Tensor], config: Blip2Config) -> dict[str
 _SUPPORTED_ACT = ("gelu",)
 
 
-def config_from_hf(hf: dict[str, Any]) -> Blip2Config:
+_REQUIRED = object()
+
+
+class _Section:
+    """An object of a transformers config.json; a missing or mistyped field is a ``ConfigError`` naming it."""
+
+    def __init__(self, d: Any, lead: str, name: str = ""):
+        check_type(dict, d, f"{lead}{name or 'the config'}")
+        self.d, self.lead, self.name = d, lead, name
+
+    def path(self, key: str) -> str:
+        """``lead`` + the field's dotted name, for messages."""
+        return self.lead + self._name(key)
+
+    def _name(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.get(key), self.lead, self._name(key))
+
+    def get(self, key: str, hint: Any = Any, default: Any = _REQUIRED) -> Any:
+        """The field's value (``default`` when it is missing or null)."""
+        value = self.d.get(key)
+        if value is None and default is not _REQUIRED:
+            return default
+        if key not in self.d:
+            raise ConfigError(f"{self.path(key)} is missing")
+        check_type(hint, value, self.path(key))
+        return value
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Blip2Config:
     """Translate a transformers ``Blip2Config`` dict (config.json) into a blipkit config."""
-    v, q, t = hf["vision_config"], hf["qformer_config"], hf["text_config"]
-    for where, block in (("vision_config", v), ("qformer_config", q)):
-        act = block.get("hidden_act", "gelu")
+    top = _Section(hf, f"{source}: ")
+    v, q, t = top.section("vision_config"), top.section("qformer_config"), top.section("text_config")
+    for block in (v, q):
+        act = block.get("hidden_act", str, "gelu")
         if act not in _SUPPORTED_ACT:
-            raise ValueError(f"unsupported {where}.hidden_act {act!r}; supported: {_SUPPORTED_ACT}")
-    if not v.get("qkv_bias", True):
-        raise ValueError("unsupported vision_config.qkv_bias=False")
-    retrieval = "Blip2ForImageTextRetrieval" in (hf.get("architectures") or [])
-    text_path = bool(q.get("use_qformer_text_input", retrieval))
-    decoder_only = hf.get("use_decoder_only_language_model", True)
-    llm_hidden = t.get("hidden_size") or t.get("d_model")
-    if t.get("model_type") == "opt":
-        llm_hidden = t.get("word_embed_proj_dim") or llm_hidden
+            raise ConfigError(f"{block.path('hidden_act')} {act!r} is not supported, only {_SUPPORTED_ACT}")
+    if not v.get("qkv_bias", bool, True):
+        raise ConfigError(f"{v.path('qkv_bias')}=false is not supported")
+    retrieval = "Blip2ForImageTextRetrieval" in top.get("architectures", list[str], [])
+    text_path = q.get("use_qformer_text_input", bool, retrieval)
+    decoder_only = top.get("use_decoder_only_language_model", bool, True)
+    llm_hidden = t.get("hidden_size", int, None) or t.get("d_model", int, None)
+    if t.get("model_type", str, None) == "opt":
+        llm_hidden = t.get("word_embed_proj_dim", int, None) or llm_hidden
+    if llm_hidden is None and not retrieval:
+        raise ConfigError(f"{t.path('hidden_size')} is missing")
     return Blip2Config(
         name="hf-blip2-retrieval" if retrieval else "hf-blip2",
         vision=VisionConfig(
             kind="eva",
-            image_size=v.get("image_size", 224),
-            patch_size=v.get("patch_size", 14),
-            hidden_size=v["hidden_size"],
-            num_layers=v["num_hidden_layers"],
-            num_heads=v["num_attention_heads"],
-            intermediate_size=v["intermediate_size"],
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            image_size=v.get("image_size", int, 224),
+            patch_size=v.get("patch_size", int, 14),
+            hidden_size=v.get("hidden_size", int),
+            num_layers=v.get("num_hidden_layers", int),
+            num_heads=v.get("num_attention_heads", int),
+            intermediate_size=v.get("intermediate_size", int),
+            layer_norm_eps=v.get("layer_norm_eps", float, 1e-6),
         ),
         qformer=QFormerConfig(
-            hidden_size=q["hidden_size"],
-            num_layers=q["num_hidden_layers"],
-            num_heads=q["num_attention_heads"],
-            intermediate_size=q["intermediate_size"],
-            num_query_tokens=hf.get("num_query_tokens", 32),
-            cross_attention_frequency=q.get("cross_attention_frequency", 2),
-            encoder_hidden_size=q.get("encoder_hidden_size", v["hidden_size"]),
-            vocab_size=q.get("vocab_size", 30522),
-            max_position_embeddings=q.get("max_position_embeddings", 512),
-            layer_norm_eps=q.get("layer_norm_eps", 1e-12),
-            embed_dim=hf.get("image_text_hidden_size", 256),
+            hidden_size=q.get("hidden_size", int),
+            num_layers=q.get("num_hidden_layers", int),
+            num_heads=q.get("num_attention_heads", int),
+            intermediate_size=q.get("intermediate_size", int),
+            num_query_tokens=top.get("num_query_tokens", int, 32),
+            cross_attention_frequency=q.get("cross_attention_frequency", int, 2),
+            encoder_hidden_size=q.get("encoder_hidden_size", int, v.get("hidden_size", int)),
+            vocab_size=q.get("vocab_size", int, 30522),
+            max_position_embeddings=q.get("max_position_embeddings", int, 512),
+            max_text_tokens=q.get("max_position_embeddings", int, 512),  # transformers cuts nothing short
+            layer_norm_eps=q.get("layer_norm_eps", float, 1e-12),
+            embed_dim=top.get("image_text_hidden_size", int, 256),
             text_path=text_path,
             lm_head=False,  # transformers' BLIP-2 models carry no ITG head
-            pad_token_id=q.get("pad_token_id", 0),
+            pad_token_id=q.get("pad_token_id", int, 0),
         ),
         bridge=BridgeConfig(kind="linear", llm_hidden_size=llm_hidden),
-        llm=LLMConfig(kind="none" if retrieval else "causal" if decoder_only else "seq2seq", hf_config=t),
+        llm=LLMConfig(kind="none" if retrieval else "causal" if decoder_only else "seq2seq", hf_config=t.d),
         prompts=PromptConfig(vqa="Question: {} Answer:" if decoder_only else "Question: {} Short answer:"),
     )

@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import NamedTuple
 
 from blipkit.data.records import CaptionExample, VqaExample
+from blipkit.errors import UsageError
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
@@ -22,7 +23,7 @@ def _load(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
     import easy_vqa
 
     if split not in SPLITS:
-        raise ValueError(f"unknown easy-VQA split {split!r}; expected one of {SPLITS}")
+        raise UsageError(f"unknown easy-VQA split {split!r}; expected one of {SPLITS}")
     if split == "train":
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()

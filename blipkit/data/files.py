@@ -11,10 +11,7 @@ import json
 from pathlib import Path
 
 from blipkit.data.records import CaptionExample, VqaExample
-
-
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file and line."""
+from blipkit.errors import DataError
 
 
 def _rows(path: Path) -> list[tuple[int, dict]]:

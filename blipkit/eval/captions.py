@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from blipkit.errors import DataError
+
 __all__ = ["JAVA_HELP", "caption_metrics", "java_available", "tokenize"]
 
 JAVA_HELP = (
@@ -105,14 +107,14 @@ def caption_metrics(
     missing = sorted(set(references) - set(predictions))
     extra = sorted(set(predictions) - set(references))
     if missing or extra:
-        raise ValueError(
+        raise DataError(
             f"predictions and references must cover the same images: {len(missing)} without a prediction "
             f"(e.g. {missing[:3]}), {len(extra)} without references (e.g. {extra[:3]})"
         )
     if not references:
-        raise ValueError("no images to score")
+        raise DataError("no images to score")
     if any(not refs for refs in references.values()):
-        raise ValueError("every image needs at least one reference caption")
+        raise DataError("every image needs at least one reference caption")
     use_java = java_available() if use_java is None else use_java
     gts = tokenize(references, use_java)
     res = tokenize({k: [predictions[k]] for k in references}, use_java)

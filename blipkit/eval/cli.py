@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from blipkit.cli import EXIT_OK, UsageError
+from blipkit.cli_options import load_model
+from blipkit.errors import EXIT_OK, UsageError
 
 
 def register(subparsers, add_model_args) -> None:
@@ -66,12 +67,6 @@ def _finish(args: argparse.Namespace, report: dict, markdown: str) -> int:
     return EXIT_OK
 
 
-def _load(args: argparse.Namespace):
-    import blipkit
-
-    return blipkit.load(args.model, dtype=args.dtype, device=args.device)
-
-
 def cmd_vqa(args: argparse.Namespace) -> int:
     from blipkit.eval.files import read_answers
     from blipkit.eval.markdown import vqa_markdown
@@ -97,7 +92,7 @@ def cmd_vqa_model(args: argparse.Namespace) -> int:
     _, examples = read_examples(spec, args.image_root)
     if examples and not hasattr(examples[0], "question"):
         raise UsageError(f"{args.dataset} has no questions (a captions file?)")
-    model = _load(args)
+    model = load_model(args)
     report, rows = evaluate_vqa_model(model, examples, args.limit, args.batch_size)
     report = {"model": args.model, "dataset": args.dataset, "split": args.split, "limit": args.limit} | report
     if args.out:
@@ -148,7 +143,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     from blipkit.eval.recall import group_pairs, retrieval_eval
 
     images, texts, relevant = group_pairs(*_pairs(args))
-    model = _load(args)
+    model = load_model(args)
     report = retrieval_eval(model, images, texts, relevant, rerank=args.rerank)
     report = {"model": args.model, "dataset": args.pairs or f"{args.dataset}:{args.split}"} | report
     return _finish(args, report, retrieval_markdown(report))

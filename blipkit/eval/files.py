@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from blipkit.errors import DataError
+
 __all__ = ["read_answers", "read_captions", "read_rows", "write_report"]
 
 ID_KEYS = ("image_id", "image", "path", "id")
@@ -26,9 +28,9 @@ def read_rows(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected rows of JSON objects")
+        raise DataError(f"{path}: expected rows of JSON objects")
     return rows
 
 
@@ -36,7 +38,7 @@ def _field(row: dict, keys: tuple[str, ...], path: Path) -> str:
     for key in keys:
         if row.get(key) is not None:
             return str(row[key])
-    raise ValueError(f"{path}: a row has none of the fields {', '.join(keys)}: {json.dumps(row)[:200]}")
+    raise DataError(f"{path}: a row has none of the fields {', '.join(keys)}: {json.dumps(row)[:200]}")
 
 
 def read_answers(path: str | Path) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -55,7 +57,7 @@ def read_answers(path: str | Path) -> tuple[dict[str, list[str]], dict[str, str]
             got = [got]
         got = [a.get("answer") if isinstance(a, dict) else a for a in got]
         if not got or not all(isinstance(a, str) for a in got):
-            raise ValueError(f"{path}: question {qid}: 'answer' must be a string or 'answers' a list of them")
+            raise DataError(f"{path}: question {qid}: 'answer' must be a string or 'answers' a list of them")
         answers.setdefault(qid, []).extend(got)
         if row.get("answer_type"):
             types[qid] = str(row["answer_type"])
@@ -75,7 +77,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
         if isinstance(caps, str):
             caps = [caps]
         if not caps or not all(isinstance(c, str) for c in caps):
-            raise ValueError(f"{path}: image {key}: 'caption' must be a string or 'captions' a list of them")
+            raise DataError(f"{path}: image {key}: 'caption' must be a string or 'captions' a list of them")
         out.setdefault(key, []).extend(caps)
     return out
 

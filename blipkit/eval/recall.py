@@ -11,13 +11,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from blipkit.errors import UsageError
+
 __all__ = ["group_pairs", "image_features", "recall_at_k", "rerank_scores", "retrieval_eval"]
 
 
 def group_pairs(images: Sequence[str], texts: Sequence[str]) -> tuple[list[str], list[str], Tensor]:
     """Unique images, unique texts and the (N_img, N_txt) boolean relevance of (image, text) pairs."""
     if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        raise UsageError(f"{len(images)} images but {len(texts)} texts")
     uniq_images = list(dict.fromkeys(images))
     uniq_texts = list(dict.fromkeys(texts))
     row = {x: i for i, x in enumerate(uniq_images)}
@@ -61,11 +63,9 @@ def _pair_logits(model, vision: Tensor, image_rows: list[int], texts: list[str],
 @torch.inference_mode()
 def image_features(model, images: Sequence) -> tuple[Tensor, Tensor]:
     """(per-query ITC embeddings (N, Q, E), frozen vision features (N, P, Dv)), both on the CPU."""
-    from blipkit.retrieval.search import encode_images
-
     queries, feats = [], []
     for i in range(0, len(images), model.batch_size):
-        f = encode_images(model, list(images[i : i + model.batch_size]))  # (b, P, Dv)
+        f = model.image_features(list(images[i : i + model.batch_size]))  # (b, P, Dv)
         queries.append(model.model.qformer.image_features(f).float().cpu())  # (b, Q, E)
         feats.append(f.cpu())
     return torch.cat(queries), torch.cat(feats)

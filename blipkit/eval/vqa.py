@@ -14,6 +14,8 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
+from blipkit.errors import DataError
+
 __all__ = ["normalize_answer", "score_answer", "vqa_accuracy"]
 
 _NUMBERS = {
@@ -71,7 +73,7 @@ def normalize_answer(answer: str) -> str:
 def score_answer(prediction: str, answers: Sequence[str]) -> float:
     """VQA accuracy of one prediction against the human answers (ten, or just one)."""
     if not answers:
-        raise ValueError("a question needs at least one human answer")
+        raise DataError("a question needs at least one human answer")
     pred = normalize_answer(prediction)
     humans = [normalize_answer(a) for a in answers]
     if len(humans) == 1:
@@ -93,7 +95,7 @@ def vqa_accuracy(
     plus ``"by_answer_type"`` when ``answer_types`` is given.
     """
     if not annotations:
-        raise ValueError("no annotated questions")
+        raise DataError("no annotated questions")
     per_question = {
         qid: score_answer(predictions[qid], answers) if qid in predictions else 0.0
         for qid, answers in annotations.items()

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from blipkit.eval.vqa import vqa_accuracy
+from blipkit.models.blip2 import Visual
+from blipkit.processing import load_image
 
 __all__ = ["answer_type", "answer_questions", "evaluate_vqa_model", "select"]
+
+ImageChange = Callable[[Image.Image, str], Image.Image]  # (image, its path) -> the image the model sees
 
 
 def answer_type(answer: str) -> str:
@@ -37,57 +43,48 @@ def select(examples: list, limit: int = 0) -> list[int]:
 
 @torch.inference_mode()
 def answer_questions(
-    model, examples: list, batch_size: int = 32, max_new_tokens: int | None = None
+    model,
+    examples: list,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    change: ImageChange | None = None,
+    progress: bool = False,
 ) -> list[str]:
-    """Greedy answers to ``examples`` (objects with ``image`` and ``question``), in their order."""
-    from blipkit.processing import build_prompt
-    from blipkit.retrieval.search import encode_images
+    """Greedy answers to ``examples`` (objects with ``image`` and ``question``), in their order.
 
-    model._require_llm()
-    cfg = model.config
-    tok = model.tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    max_new = max_new_tokens or cfg.prompts.vqa_max_new_tokens
+    ``change`` alters each image before the model sees it (held-out variations of a dataset)."""
+    from tqdm.auto import tqdm
+
+    model.require_llm()
+    text = model.text
+    max_new = max_new_tokens or model.config.prompts.vqa_max_new_tokens
     order = sorted(range(len(examples)), key=lambda i: str(examples[i].image))
     answers: list[str] = [""] * len(examples)
+    bar = tqdm(total=len(examples), unit="q", desc="vqa", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         images = list(dict.fromkeys(str(examples[i].image) for i in chunk))
-        feats = encode_images(model, images)  # (b_img, P, Dv)
+        inputs = [change(load_image(p), p) for p in images] if change else images
+        feats = model.image_features(inputs)  # (b_img, P, Dv)
         where = {p: n for n, p in enumerate(images)}
         embeds = feats[[where[str(examples[i].image)] for i in chunk]]  # (B, P, Dv)
-        prompts = [build_prompt(cfg.prompts.vqa, examples[i].question) for i in chunk]
-        enc = tok(prompts, padding=True, return_tensors="pt").to(model.device)
-        qformer = {}
-        if cfg.bridge.text_input:
-            q = model.qformer_tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
-            qformer = {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"]}
-        out = model.model.generate(
-            None,
-            enc["input_ids"],
-            enc["attention_mask"],
-            image_embeds=embeds,
-            **qformer,
-            max_new_tokens=max_new,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        for i, text in zip(chunk, tok.batch_decode(out, skip_special_tokens=True), strict=True):
-            answers[i] = text.strip()
+        prompts = [text.prompt(text.question(examples[i].question), max_new) for i in chunk]
+        tokens = model.complete(Visual(image_embeds=embeds), prompts, max_new)
+        for i, t in zip(chunk, tokens, strict=True):
+            answers[i] = text.decode(t)
+        bar.update(len(chunk))
+    bar.close()
     return answers
 
 
 def evaluate_vqa_model(
-    model, examples: list, limit: int = 0, batch_size: int = 32
+    model, examples: list, limit: int = 0, batch_size: int = 32, progress: bool = False
 ) -> tuple[dict, list[dict]]:
     """(report, prediction rows) for VQA examples (``image``, ``question``, ``answer``); question ids are
     the examples' positions."""
     chosen = select(examples, limit)
     start = time.perf_counter()
-    answers = answer_questions(model, [examples[i] for i in chosen], batch_size)
+    answers = answer_questions(model, [examples[i] for i in chosen], batch_size, progress=progress)
     seconds = time.perf_counter() - start
     qids = [str(i) for i in chosen]
     truth = {q: [examples[i].answer] for q, i in zip(qids, chosen, strict=True)}

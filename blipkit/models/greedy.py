@@ -1,4 +1,4 @@
-"""A lean greedy decoding loop for decoder-only LLMs, shared by batch captioning and the server.
+"""A lean greedy decoding loop for decoder-only LLMs (``blipkit.models.decoding`` decides when it runs).
 
 Rows start from input embeddings (after an optionally pre-filled key/value cache), take the argmax token at
 every step, and leave the batch and the cache as soon as their caller says they are done, so finished rows
@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from blipkit.models.blip2 import Blip2
 from blipkit.models.greedy_head import greedy_head_for
-from blipkit.models.llm_io import cache_keyword, new_cache, takes
+from blipkit.models.llm_io import LLMInputs, cache_keyword, new_cache, takes
 
 OnToken = Callable[[int, int], bool]  # (row, token) -> True when the row is done
 
@@ -63,35 +63,29 @@ class GreedyDecoder:
 
     @torch.inference_mode()
     def run(
-        self,
-        embeds: Tensor,
-        max_new_tokens: int,
-        on_token: OnToken,
-        cache: DynamicCache | None = None,
-        attention_mask: Tensor | None = None,
+        self, inputs: LLMInputs, max_new_tokens: int, on_token: OnToken, cache: DynamicCache | None = None
     ) -> None:
-        """Decode after ``embeds`` (B, T, D), handing each new token to ``on_token(row, token)``.
+        """Decode after ``inputs``, handing each new token to ``on_token(row, token)``.
 
-        ``cache`` may already hold the first P positions of every row; ``attention_mask`` (B, P + T) marks
-        padding anywhere in the sequence with 0 (positions then count real tokens only). Without a mask no
-        row is padded.
+        ``cache`` may already hold the first P positions of every row (``inputs`` then holds the rest, with a
+        mask over all P + T positions, as ``LLMInputs.text`` gives). Padding may sit anywhere but after a
+        row's last token.
         """
-        B, T = embeds.shape[:2]
+        embeds, attention_mask = inputs.embeds, inputs.mask
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("greedy decoding needs every row to end on a real token (left-pack the inputs)")
+        B = embeds.shape[0]
         cache = cache if cache is not None else new_cache(self.llm)
-        past = cache.get_seq_length()
-        padded = attention_mask is not None  # without padding the LLM may skip building a mask
-        if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=embeds.device)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P + T)
-        last = positions[:, -1]  # (B,) position of each row's latest token
-        inputs: dict = {"inputs_embeds": embeds}
+        padded = not bool(attention_mask.all())  # without padding the LLM may skip building a mask
+        last = inputs.position_ids[:, -1]  # (B,) position of each row's latest token
+        step: dict = {"inputs_embeds": embeds}
         if padded:
-            inputs["attention_mask"] = attention_mask
+            step["attention_mask"] = attention_mask
         if self.positions:
-            inputs["position_ids"] = positions[:, past:]
+            step["position_ids"] = inputs.position_ids
         alive = torch.arange(B)  # the original row of each batch row still decoding
         for _ in range(max_new_tokens):
-            next_ids = self._next_tokens(inputs, cache)  # (b,)
+            next_ids = self._next_tokens(step, cache)  # (b,)
             done = torch.tensor(
                 [on_token(row, tok) for row, tok in zip(alive.tolist(), next_ids.tolist(), strict=True)],
                 dtype=torch.bool,
@@ -105,8 +99,8 @@ class GreedyDecoder:
                 attention_mask, last = attention_mask[keep], last[keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
             last = last + 1
-            inputs = {"input_ids": next_ids[:, None]}
+            step = {"input_ids": next_ids[:, None]}
             if padded:
-                inputs["attention_mask"] = attention_mask
+                step["attention_mask"] = attention_mask
             if self.positions:
-                inputs["position_ids"] = last[:, None]
+                step["position_ids"] = last[:, None]

@@ -1,11 +1,55 @@
-"""Small facts about transformers LLM call signatures, shared by the decoding loops."""
+"""What goes into a frozen transformers LLM: the joined input embeddings, their mask and positions, and small
+facts about LLM call signatures shared by the decoding paths."""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from transformers import DynamicCache
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Position ids (B, L): each real token's count of real tokens before it; padding gets 0 (it is masked).
+
+    The one position rule of blipkit: a row's visual prompt and text continue each other whatever padding
+    sits before or between them, so left padding, right padding and a cached prefix give the same positions.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class LLMInputs:
+    """The LLM's input sequence: [visual prompt; text] embeddings with their mask and position ids.
+
+    ``prefix_len`` is the number of visual prompt positions at the front of every row (before any left
+    packing), ``text_len`` the number of text columns after them.
+    """
+
+    embeds: Tensor  # (B, L, D)
+    mask: Tensor  # (B, L) 1 on real tokens
+    position_ids: Tensor  # (B, L)
+    prefix_len: int  # Q
+    packed: bool = False  # padding moved to the front (decoder-only generation)
+
+    @property
+    def text_len(self) -> int:
+        return self.embeds.shape[1] - self.prefix_len
+
+    def left_packed(self) -> LLMInputs:
+        """The same rows with their padding moved to the front, keeping the order of real tokens."""
+        order = torch.argsort(self.mask.to(torch.int8), dim=1, stable=True)  # zeros (padding) first
+        embeds = self.embeds.gather(1, order[..., None].expand_as(self.embeds))
+        mask = self.mask.gather(1, order)
+        return LLMInputs(embeds, mask, positions_from_mask(mask), self.prefix_len, packed=True)
+
+    def text(self) -> LLMInputs:
+        """The text columns alone, for an LLM whose key/value cache already holds the visual prompt; the mask
+        still covers the cached positions, as the LLM's attention needs."""
+        Q = self.prefix_len
+        return LLMInputs(self.embeds[:, Q:], self.mask, self.position_ids[:, Q:], 0)
 
 
 def cache_keyword(module: nn.Module) -> str:

@@ -94,7 +94,8 @@ class Dinov2Encoder(nn.Module):
     def from_pretrained(cls, cfg: VisionConfig, path: str, dtype: torch.dtype | None = None) -> Dinov2Encoder:
         from transformers import Dinov2Model
 
-        return cls(cfg, Dinov2Model.from_pretrained(path, dtype=dtype or torch.float32))
+        model = Dinov2Model.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+        return cls(cfg, model)
 
     @property
     def hidden_size(self) -> int:

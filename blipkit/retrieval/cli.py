@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from blipkit.batch.files import iter_images
-from blipkit.cli import EXIT_OK, EXIT_SOME_FAILED, UsageError
+from blipkit.batch.files import iter_images, key_of, load_listed
+from blipkit.cli_options import load_model
+from blipkit.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
 
 
 def register(subparsers, add_model_args) -> None:
@@ -74,24 +75,21 @@ def _finish(p: argparse.ArgumentParser, add_model_args, func) -> None:
     p.set_defaults(func=func)
 
 
-def _load(args: argparse.Namespace, model: str | None = None):
-    import blipkit
-
-    return blipkit.load(model or args.model, dtype=args.dtype, device=args.device)
-
-
 def _progress(done: int, total: int) -> None:
     print(f"\rembedded {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from blipkit.retrieval.index import build_index
+    from blipkit.retrieval.index import build_index, index_lock
 
     files = list(iter_images(args.paths, args.recursive))
     if not files:
         raise UsageError("no images found in " + " ".join(args.paths))
-    model = _load(args)
-    result = build_index(model, files, args.out, args.model, args.batch_size, args.overwrite, _progress)
+    with index_lock(args.out):  # before the model loads: a second run stops at once
+        model = load_model(args)
+        result = build_index(
+            model, files, args.out, args.model, args.batch_size, args.overwrite, _progress, lock=False
+        )
     for path, reason in result.failed:
         print(json.dumps({"path": path, "error": reason}), file=sys.stderr)
     print(
@@ -116,7 +114,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = ImageIndex.load(args.index)
     if not len(index):
         raise UsageError(f"index {args.index} is empty")
-    model = _load(args, args.model or index.meta.get("model", "default"))
+    model = load_model(args, args.model or index.meta.get("model", "default"))
     searcher = Searcher(index, args.backend)
     if args.text is not None:
         query = model.embed_texts([args.text])
@@ -139,7 +137,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     files = list(iter_images(args.images, args.recursive))
     if not files:
         raise UsageError("no images found")
-    model = _load(args)
+    model = load_model(args)
     failed = 0
     for row in classify_files(model, files, labels, args.template, args.batch_size):
         failed += "error" in row
@@ -151,7 +149,7 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     images = [str(f) for f in iter_images(args.images, recursive=False)]
     if not images:
         raise UsageError("no images found")
-    model = _load(args)
+    model = load_model(args)
     sims = (model.match if args.itm else model.similarity)(images, args.texts).cpu()
     if args.json:
         print(json.dumps({"images": images, "texts": args.texts, "scores": sims.tolist()}))
@@ -190,16 +188,16 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         index = ImageIndex.load(args.index)
         paths, embeddings = index.paths, index.pooled.numpy()
     else:
-        from blipkit.processing import ImageError, load_image
+        from blipkit.processing import ImageError
 
-        model = _load(args)
+        model = load_model(args)
         paths, chunks = [], []
-        files = [str(f.resolve()) for f in iter_images(args.paths, args.recursive)]
+        files = [key_of(f) for f in iter_images(args.paths, args.recursive)]
         for i in range(0, len(files), model.batch_size):
             images = []
             for f in files[i : i + model.batch_size]:
                 try:
-                    images.append(load_image(f))
+                    images.append(load_listed(f))
                     paths.append(f)
                 except ImageError as e:
                     print(json.dumps({"path": f, "error": e.reason}), file=sys.stderr)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from blipkit.errors import UsageError
+
 __all__ = ["kmeans", "write_clusters"]
 
 
@@ -16,7 +18,7 @@ def kmeans(embeddings: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, n
     from sklearn.cluster import KMeans
 
     if not 1 <= k <= len(embeddings):
-        raise ValueError(f"k must be between 1 and the number of images ({len(embeddings)}), got {k}")
+        raise UsageError(f"k must be between 1 and the number of images ({len(embeddings)}), got {k}")
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(embeddings)
     distances = np.linalg.norm(embeddings - km.cluster_centers_[km.labels_], axis=1)
     return km.labels_, distances

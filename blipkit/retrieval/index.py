@@ -3,12 +3,15 @@
 Layout of an index folder::
 
     embeddings.safetensors   "embeddings" (N, Q, E) float32, each query vector L2-normalised
-    paths.txt                one absolute image path per line, row i of the embeddings
+    paths.jsonl              one absolute image path per line as a JSON string, row i of the embeddings
     index.json               the model it was built with, counts and dimensions
     parts/                   batches written while building; merged into the files above at the end
 
+A file name is data: JSON escapes newlines, U+2028 and the bytes that are not UTF-8, so no name can shift
+the rows. Indexes with the older ``paths.txt`` (one plain path per line) are read too.
+
 Building streams batches to ``parts/`` as it goes, so an interrupted build resumes where it stopped and a
-folder that gained images only embeds the new ones.
+folder that gained images only embeds the new ones. A build holds ``<index>.lock``: one at a time.
 """
 
 from __future__ import annotations
@@ -17,16 +20,35 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BuildResult", "ImageIndex", "build_index"]
+if TYPE_CHECKING:
+    from blipkit.batch.lock import OutputLock
 
-EMBEDDINGS, PATHS, META, PARTS = "embeddings.safetensors", "paths.txt", "index.json", "parts"
+__all__ = ["BuildResult", "ImageIndex", "build_index", "index_lock"]
+
+EMBEDDINGS, PATHS, META, PARTS = "embeddings.safetensors", "paths.jsonl", "index.json", "parts"
+OLD_PATHS = "paths.txt"
+
+
+def _write_paths(target: str | os.PathLike, paths: list[str]) -> None:
+    Path(target).write_text("".join(json.dumps(p, ensure_ascii=True) + "\n" for p in paths), "ascii")
+
+
+def _read_paths(stem: Path) -> list[str]:
+    """The paths of ``stem``.jsonl, or of ``stem``.txt written by older versions."""
+    new = stem.with_suffix(".jsonl")
+    if new.exists():
+        with open(new, "rb") as f:
+            return [json.loads(line) for line in f]
+    return stem.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
 
 
 @dataclass
@@ -67,9 +89,9 @@ class ImageIndex:
             stored = load_file(folder / EMBEDDINGS)["embeddings"]
             if len(stored):
                 chunks.append(stored)
-                paths = (folder / PATHS).read_text(encoding="utf-8").splitlines()
+                paths = _read_paths(folder / Path(PATHS).stem)
         for part in sorted((folder / PARTS).glob("*.safetensors")) if merge_parts else []:
-            part_paths = (part.with_suffix(".txt")).read_text(encoding="utf-8").splitlines()
+            part_paths = _read_paths(part.with_suffix(""))
             chunks.append(load_file(part)["embeddings"])
             paths.extend(part_paths)
         if not chunks:
@@ -89,9 +111,18 @@ class ImageIndex:
             "embed_dim": int(self.embeddings.shape[2]),
         }
         _atomic(folder / EMBEDDINGS, lambda p: save_file({"embeddings": self.embeddings.contiguous()}, p))
-        _atomic(folder / PATHS, lambda p: Path(p).write_text("".join(f"{x}\n" for x in self.paths), "utf-8"))
+        _atomic(folder / PATHS, lambda p: _write_paths(p, self.paths))
+        (folder / OLD_PATHS).unlink(missing_ok=True)
         _atomic(folder / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
         self.meta = meta
+
+
+def index_lock(out: str | os.PathLike) -> OutputLock:
+    """The lock (``<out>.lock``, taken by ``with``) that makes a build the one writer of the index ``out``."""
+    from blipkit.batch.lock import OutputLock
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return OutputLock(out)
 
 
 def _atomic(target: Path, write) -> None:
@@ -116,56 +147,60 @@ def build_index(
     batch_size: int = 32,
     overwrite: bool = False,
     on_batch=None,
+    lock: bool = True,
 ) -> BuildResult:
     """Embed ``files`` into the index folder ``out``, skipping images it already holds.
 
     Unreadable images are reported in ``failed`` and tried again next time. ``on_batch(done, total)`` is
-    called after every batch.
+    called after every batch. The build holds ``index_lock(out)`` unless ``lock`` is False (the caller
+    holds it).
     """
     from safetensors.torch import save_file
 
-    from blipkit.processing import ImageError, load_image
+    from blipkit.batch.files import key_of, load_listed
+    from blipkit.processing import ImageError
 
     out = Path(out)
-    if overwrite and out.exists():
-        for name in (EMBEDDINGS, PATHS, META):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / PARTS, ignore_errors=True)
-    existing = ImageIndex.load(out) if (out / META).exists() or (out / PARTS).is_dir() else None
-    if existing is not None and existing.meta.get("model") not in (None, model_name):
-        raise ValueError(
-            f"{out} was built with model {existing.meta['model']!r}, not {model_name!r}: "
-            "use --overwrite to rebuild it"
-        )
-    done = set(existing.paths) if existing else set()
-    wanted = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
-    todo = [f for f in wanted if f not in done]
-    parts = out / PARTS
-    parts.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_name, "model_config": model.config.name}
-    if not (out / META).exists():
-        _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta) + "\n"))
-    start = len(list(parts.glob("*.safetensors")))
-    failed: list[tuple[str, str]] = []
-    for n, i in enumerate(range(0, len(todo), batch_size)):
-        images, names = [], []
-        for path in todo[i : i + batch_size]:
-            try:
-                images.append(load_image(path))
-                names.append(path)
-            except ImageError as e:
-                failed.append((path, e.reason))
-        if images:
-            emb = model.image_query_embeddings(images).cpu()  # (b, Q, E)
-            stem = parts / f"{start + n:06d}"
-            # paths first: a part counts only once its .safetensors exists
-            stem.with_suffix(".txt").write_text("".join(f"{x}\n" for x in names), encoding="utf-8")
-            _atomic(stem.with_suffix(".safetensors"), lambda p, e=emb: save_file({"embeddings": e}, p))
-        if on_batch:
-            on_batch(min(i + batch_size, len(todo)), len(todo))
-    index = ImageIndex.load(out)
-    index.meta |= meta
-    index.save(out)
-    shutil.rmtree(parts, ignore_errors=True)
-    added = len(todo) - len(failed)
-    return BuildResult(index, added, len(wanted) - len(todo), failed)
+    with index_lock(out) if lock else nullcontext():
+        if overwrite and out.exists():
+            for name in (EMBEDDINGS, PATHS, OLD_PATHS, META):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / PARTS, ignore_errors=True)
+        existing = ImageIndex.load(out) if (out / META).exists() or (out / PARTS).is_dir() else None
+        if existing is not None and existing.meta.get("model") not in (None, model_name):
+            raise ValueError(
+                f"{out} was built with model {existing.meta['model']!r}, not {model_name!r}: "
+                "use --overwrite to rebuild it"
+            )
+        done = set(existing.paths) if existing else set()
+        wanted = list(dict.fromkeys(key_of(Path(f)) for f in files))
+        todo = [f for f in wanted if f not in done]
+        parts = out / PARTS
+        parts.mkdir(parents=True, exist_ok=True)
+        meta = {"model": model_name, "model_config": model.config.name}
+        if not (out / META).exists():
+            _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta) + "\n"))
+        start = len(list(parts.glob("*.safetensors")))
+        failed: list[tuple[str, str]] = []
+        for n, i in enumerate(range(0, len(todo), batch_size)):
+            images, names = [], []
+            for path in todo[i : i + batch_size]:
+                try:
+                    images.append(load_listed(path))
+                    names.append(path)
+                except ImageError as e:
+                    failed.append((path, e.reason))
+            if images:
+                emb = model.image_query_embeddings(images).cpu()  # (b, Q, E)
+                stem = parts / f"{start + n:06d}"
+                # paths first: a part counts only once its .safetensors exists
+                _write_paths(stem.with_suffix(".jsonl"), names)
+                _atomic(stem.with_suffix(".safetensors"), lambda p, e=emb: save_file({"embeddings": e}, p))
+            if on_batch:
+                on_batch(min(i + batch_size, len(todo)), len(todo))
+        index = ImageIndex.load(out)
+        index.meta |= meta
+        index.save(out)
+        shutil.rmtree(parts, ignore_errors=True)
+        added = len(todo) - len(failed)
+        return BuildResult(index, added, len(wanted) - len(todo), failed)

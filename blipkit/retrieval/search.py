@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from blipkit.errors import UsageError
 from blipkit.retrieval.index import ImageIndex
 
-__all__ = ["FAISS_MIN_VECTORS", "Hit", "Searcher", "encode_images", "faiss_available", "itm_logits", "rerank"]
+__all__ = ["FAISS_MIN_VECTORS", "Hit", "Searcher", "faiss_available", "itm_logits", "rerank"]
 
 FAISS_MIN_VECTORS = 200_000  # below this many query vectors exact search in torch is as fast
 
@@ -43,7 +44,7 @@ class Searcher:
 
     def __init__(self, index: ImageIndex, backend: str = "auto"):
         if backend not in ("auto", "exact", "faiss"):
-            raise ValueError(f"backend must be auto, exact or faiss, got {backend!r}")
+            raise UsageError(f"backend must be auto, exact or faiss, got {backend!r}")
         n_vectors = len(index) * index.embeddings.shape[1]
         if backend == "auto":
             backend = "faiss" if faiss_available() and n_vectors >= FAISS_MIN_VECTORS else "exact"
@@ -107,24 +108,6 @@ class Searcher:
 
 
 @torch.inference_mode()
-def encode_images(model, images: list) -> Tensor:
-    """Frozen vision features (B, P, Dv) of image inputs, in batches of ``model.batch_size``."""
-    step = model.batch_size
-    parts = [
-        model.model.encode_image(model.pixel_values(images[i : i + step]))
-        for i in range(0, len(images), step)
-    ]
-    return torch.cat(parts)
-
-
-def _qformer_ids(model, texts: list[str]) -> tuple[Tensor, Tensor]:
-    tok = model.qformer_tokenizer
-    if tok is None:  # the Model raises its own explanation
-        model.embed_texts(texts)
-    enc = tok(texts, padding=True, return_tensors="pt")
-    return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-
-
 @torch.inference_mode()
 def itm_logits(model, image_feats: Tensor, texts: list[str], batch_size: int = 64) -> Tensor:
     """ITM "match" logits (B,) of image i with text i; ``image_feats`` (B, P, Dv) from ``encode_image``."""
@@ -132,7 +115,7 @@ def itm_logits(model, image_feats: Tensor, texts: list[str], batch_size: int = 6
         raise ValueError(f"{len(image_feats)} images but {len(texts)} texts")
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = _qformer_ids(model, texts[i : i + batch_size])
+        ids, mask = (t.to(model.device) for t in model.text.qformer_batch(texts[i : i + batch_size]))
         feats = image_feats[i : i + batch_size].to(model.device)
         out.append(model.model.qformer.itm_logits(feats, ids, mask)[:, 1].float().cpu())  # (b,)
     return torch.cat(out) if out else torch.zeros(0)
@@ -144,7 +127,7 @@ def rerank(model, hits: list[Hit], text: str, top: int) -> list[Hit]:
     head, tail = hits[:top], hits[top:]
     if not head:
         return hits
-    feats = encode_images(model, [h.path for h in head])  # (K, P, Dv)
+    feats = model.image_features([h.path for h in head])  # (K, P, Dv)
     logits = itm_logits(model, feats, [text] * len(head))
     for hit, logit in zip(head, logits.tolist(), strict=True):
         hit.itm, hit.score = logit, logit + hit.itc

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from blipkit.errors import UsageError
+
 __all__ = ["classify_files", "parse_labels"]
 
 
@@ -11,7 +13,7 @@ def parse_labels(text: str) -> list[str]:
     """ "a cat, a dog" -> ["a cat", "a dog"]; blanks and duplicates are dropped."""
     labels = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     if not labels:
-        raise ValueError("--labels needs at least one label, e.g. --labels 'a cat,a dog'")
+        raise UsageError("--labels needs at least one label, e.g. --labels 'a cat,a dog'")
     return labels
 
 

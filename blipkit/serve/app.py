@@ -8,7 +8,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from blipkit.api import Model
-from blipkit.errors import CapabilityError
-from blipkit.processing import ImageError
+from blipkit.errors import CapabilityError, UsageError
+from blipkit.processing import ImageError, load_image
 from blipkit.serve.engine import Engine, Job, Result
 from blipkit.serve.errors import APIError, error_body
-from blipkit.serve.images import check_image_url, decode_data_uri, fetch_remote, image_hash
+from blipkit.serve.images import (
+    FETCH_TIMEOUT_S,
+    check_image_url,
+    decode_data_uri,
+    fetch_remote,
+    image_hash,
+    normalize_domains,
+    open_image,
+    release_memory,
+)
 from blipkit.serve.messages import ChatRequest, parse_chat
+from blipkit.text import Prompt
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+TRIM_AFTER_PIXELS = 2_000_000  # decodes this large give their memory back to the OS afterwards
+FETCH_WORKERS = 32
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -43,6 +58,10 @@ class Server:
         allow_remote_images: bool,
         max_image_bytes: int,
         engine: Engine | None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        allowed_media_domains: Iterable[str] | None = None,
+        allow_private_networks: bool = False,
+        image_fetch_timeout_s: float = FETCH_TIMEOUT_S,
     ):
         self.model = model
         self.names = {name, model.config.name}
@@ -50,6 +69,11 @@ class Server:
         self.api_key = api_key
         self.allow_remote_images = allow_remote_images
         self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.allowed_media_domains = normalize_domains(allowed_media_domains)
+        self.allow_private_networks = allow_private_networks
+        self.image_fetch_timeout_s = image_fetch_timeout_s
+        self.fetcher = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="blipkit-fetch")
         self.engine = engine
         self.lock = engine.lock if engine is not None else threading.Lock()
         self.created = int(time.time())
@@ -63,21 +87,46 @@ class Server:
                 "model",
             )
 
-    def image(self, req: ChatRequest) -> tuple[str, Any, Any]:
-        """(hash, cached features, pixels) of the request's image; blocking, run in a thread."""
-        kind = check_image_url(req.image_url, self.allow_remote_images, req.image_param)
-        if kind == "data":
+    async def image(self, req: ChatRequest) -> tuple[str, Any, Any]:
+        """(hash, cached features, pixels) of the request's image.
+
+        Downloads run in their own threads, so slow origins do not hold up decoding or other requests.
+        """
+        data = None
+        if check_image_url(req.image_url, self.allow_remote_images, req.image_param) == "remote":
+            data = await asyncio.get_running_loop().run_in_executor(self.fetcher, self.fetch, req)
+        return await asyncio.to_thread(self.decode, req, data)
+
+    def fetch(self, req: ChatRequest) -> bytes:
+        return fetch_remote(
+            req.image_url,
+            self.max_image_bytes,
+            req.image_param,
+            allow_private_networks=self.allow_private_networks,
+            allowed_domains=self.allowed_media_domains,
+            timeout_s=self.image_fetch_timeout_s,
+        )
+
+    def decode(self, req: ChatRequest, data: bytes | None) -> tuple[str, Any, Any]:
+        """Blocking: (hash, cached features, pixels) of a data URI's or a download's bytes."""
+        if data is None:
             data = decode_data_uri(req.image_url, self.max_image_bytes, req.image_param)
-        else:
-            data = fetch_remote(req.image_url, self.max_image_bytes, req.image_param)
         key = image_hash(data)
         features = self.engine.cached(key)
         if features is not None:
             return key, features, None
+        processor = self.model.processor
+        image = open_image(data, self.max_image_pixels, req.image_param, 2 * processor.image_size)
+        pixels = image.width * image.height
         try:
-            return key, None, self.engine.pixels(data)
+            return key, None, processor.preprocess(load_image(image))[None]
         except ImageError as e:
             raise APIError(f"cannot decode image: {e.reason}", 400, "invalid_image", req.image_param) from e
+        finally:
+            image.close()
+            del image
+            if pixels >= TRIM_AFTER_PIXELS:
+                release_memory()
 
 
 async def _json_body(request: Request, limit: int) -> Any:
@@ -86,13 +135,29 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise APIError(
             f"request body is {length} bytes, over the limit of {limit} bytes", 413, "body_too_large"
         )
-    raw = await request.body()
-    if len(raw) > limit:
-        raise APIError(f"request body is over the limit of {limit} bytes", 413, "body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(f"request body is over the limit of {limit} bytes", 413, "body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    del chunks
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise APIError("request body is not valid JSON: nested too deeply", 400, "invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"request body is not valid JSON: {e}", 400, "invalid_json") from e
+
+
+def fitted_prompt(engine: Engine, req: ChatRequest) -> Prompt:
+    """The request's prompt fitted to the model's windows; a turn that cannot fit is a 400."""
+    try:
+        return engine.prompt(req.history, req.message, req.max_tokens)
+    except UsageError as e:
+        raise APIError(str(e), 400, "context_length_exceeded", "max_tokens") from e
 
 
 def _sse(data: Any) -> str:
@@ -110,22 +175,39 @@ def create_app(
     cache_size: int = 64,
     cache_bytes: int | None = None,
     engine: Engine | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allowed_media_domains: Iterable[str] | None = None,
+    allow_private_networks: bool = False,
+    image_fetch_timeout_s: float = FETCH_TIMEOUT_S,
 ) -> FastAPI:
     """The blipkit server for ``model``. With ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 
     The image cache keeps ``cache_size`` images (and at most ``cache_bytes`` of tensors, when given).
     ``engine`` lets callers share a batching engine (and its image cache) between apps or scripts.
+    Images over ``max_image_pixels`` (width x height, read from the header) are refused undecoded.
+    Remote images (``allow_remote_images``, or only the hosts in ``allowed_media_domains``) are fetched
+    from public addresses only unless ``allow_private_networks``, within ``image_fetch_timeout_s`` in all.
     """
     if engine is None and model.model.has_llm:
         engine = Engine(model, max_batch_size, batch_window_ms, cache_size, cache_bytes)
     srv = Server(
-        model, model_name or model.config.name, api_key, allow_remote_images, max_image_bytes, engine
+        model,
+        model_name or model.config.name,
+        api_key,
+        allow_remote_images or allowed_media_domains is not None,
+        max_image_bytes,
+        engine,
+        max_image_pixels,
+        allowed_media_domains,
+        allow_private_networks,
+        image_fetch_timeout_s,
     )
     body_limit = max_image_bytes * 4 // 3 + 1024 * 1024  # one base64 image plus the rest of the request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        srv.fetcher.shutdown(wait=False, cancel_futures=True)
         if engine is not None:
             engine.stop()
 
@@ -144,6 +226,17 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body(str(exc.errors()), code="invalid_request"), status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return JSONResponse(error_body("client disconnected", code="client_disconnected"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        body = error_body(
+            "the server had an error processing the request", "server_error", code="internal_error"
+        )
+        return JSONResponse(body, status_code=500)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Any) -> Any:
@@ -220,8 +313,8 @@ def create_app(
             raise APIError(
                 "this model has no language model: it cannot chat", 400, "unsupported_by_model", "model"
             )
-        key, features, pixels = await asyncio.to_thread(srv.image, req)
-        prompt, ids = engine.prompt(req.history, req.message, req.max_tokens)
+        key, features, pixels = await srv.image(req)
+        prompt = await asyncio.to_thread(fitted_prompt, engine, req)  # tokenising is work: off the loop
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -230,7 +323,6 @@ def create_app(
 
         job = Job(
             key,
-            ids,
             prompt,
             emit,
             features=features,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from blipkit.processing import build_chat_prompt, build_prompt
 from blipkit.serve.errors import APIError
 
 DEFAULT_MAX_TOKENS = 30
@@ -124,18 +123,3 @@ def parse_chat(body: Any) -> ChatRequest:
         top_p=_number(body, "top_p", 0.0, 1.0),
         stream=stream,
     )
-
-
-def fit_prompt(
-    history: list[tuple[str, str]], message: str, count_tokens, budget: int, template: str, separator: str
-) -> tuple[str, int]:
-    """The chat prompt with as many recent turns as fit ``budget`` tokens, and how many turns were dropped.
-
-    ``count_tokens(text)`` counts the tokens of a prompt. When even the message alone is too long, the
-    message alone is returned and the model input is cut later.
-    """
-    for start in range(len(history) + 1):
-        text = build_chat_prompt(history[start:], message, template, separator)
-        if count_tokens(text) <= budget:
-            return text, start
-    return build_prompt(template, message), len(history)

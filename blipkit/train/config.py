@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blipkit.errors import ConfigError
+
 STAGES = ("stage1", "stage2")
 
 
@@ -23,6 +25,7 @@ class TrainConfig:
     teacher: str | None = None  # stage 2: checkpoint whose visual prompts the "keep" loss holds the run to
     qformer_init: str | None = "asset:all-minilm-l6-v2"  # BERT dir for the Q-Former (unused with init_from)
     trainable: str = ""  # comma-separated name prefixes to train (e.g. "qformer.text_proj"); "": all
+    trust_remote_code: bool = False  # let the model's transformers dirs run the Python code they ship
     # --- data -----------------------------------------------------------------------------------------------
     data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl
     image_root: str | None = None  # where relative image paths start (default: the data file's folder)
@@ -59,15 +62,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.warm_start_text not in ("caption", "target", "both"):
-            raise ValueError(f"warm_start_text must be caption, target or both, got {self.warm_start_text!r}")
+            raise ConfigError(
+                f"warm_start_text must be caption, target or both, got {self.warm_start_text!r}"
+            )
         self.betas = tuple(self.betas)
         self.loss_weight = parse_loss_weights(self.loss_weights)
         if self.teacher and self.stage != "stage2":
-            raise ValueError("teacher (the keep loss) is a stage 2 option")
+            raise ConfigError("teacher (the keep loss) is a stage 2 option")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,11 +87,11 @@ def parse_loss_weights(text: str) -> dict[str, float]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep or name.strip() not in LOSS_NAMES:
-            raise ValueError(f"loss_weights: {item!r} is not NAME=FACTOR with NAME one of {LOSS_NAMES}")
+            raise ConfigError(f"loss_weights: {item!r} is not NAME=FACTOR with NAME one of {LOSS_NAMES}")
         try:
             weights[name.strip()] = float(value)
         except ValueError as e:
-            raise ValueError(f"loss_weights: {value!r} in {item!r} is not a number") from e
+            raise ConfigError(f"loss_weights: {value!r} in {item!r} is not a number") from e
     return weights
 
 
@@ -103,12 +108,12 @@ def _convert(name: str, value: Any, default: Any, optional: bool) -> Any:
             return True
         if value.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"--{name} expects true/false, got {value!r}")
+        raise ConfigError(f"--{name} expects true/false, got {value!r}")
     if isinstance(default, (int, float)):
         try:
             return type(default)(value)
         except ValueError as e:
-            raise ValueError(f"--{name} expects a {type(default).__name__}, got {value!r}") from e
+            raise ConfigError(f"--{name} expects a {type(default).__name__}, got {value!r}") from e
     if isinstance(default, tuple):
         return tuple(json.loads(value))
     return value
@@ -125,14 +130,14 @@ def load_config(
         values.update(json.loads(Path(path).read_text()))
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training key(s) {unknown} in {path}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training key(s) {unknown} in {path}; known: {sorted(known)}")
     for item in overrides or []:
         key, sep, value = item.removeprefix("--").partition("=")
         key = key.replace("-", "_")
         if not sep:
-            raise ValueError(f"override {item!r} is not of the form --key=value")
+            raise ConfigError(f"override {item!r} is not of the form --key=value")
         if key not in known:
-            raise ValueError(f"unknown training key {key!r} (from {item!r}); known: {sorted(known)}")
+            raise ConfigError(f"unknown training key {key!r} (from {item!r}); known: {sorted(known)}")
         optional = "None" in str(TrainConfig.__dataclass_fields__[key].type)
         values[key] = _convert(key, value, getattr(defaults, key), optional)
     values.update(fixed)

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from blipkit.errors import ConfigError
 from blipkit.models.qformer import QFormer
 
 _LAYER_MAP = {
@@ -59,7 +60,7 @@ def bert_to_qformer(bert: dict[str, Tensor], num_layers: int) -> dict[str, Tenso
     }
     bert_layers = len({k.split(".")[2] for k in bert if k.startswith("encoder.layer.")})
     if num_layers > bert_layers:
-        raise ValueError(f"the Q-Former has {num_layers} layers but the BERT only {bert_layers}")
+        raise ConfigError(f"the Q-Former has {num_layers} layers but the BERT only {bert_layers}")
     for i in range(num_layers):
         for source, targets in _LAYER_MAP.items():
             for param in ("weight", "bias"):
@@ -73,19 +74,19 @@ def bert_to_qformer(bert: dict[str, Tensor], num_layers: int) -> dict[str, Tenso
 def init_qformer_from_bert(qformer: QFormer, bert_dir: str | Path) -> list[str]:
     """Copy BERT weights into ``qformer`` in place (shapes checked first); returns the names filled."""
     if not qformer.config.text_path:
-        raise ValueError("a Q-Former without a text path cannot start from a BERT")
+        raise ConfigError("a Q-Former without a text path cannot start from a BERT")
     weights = bert_to_qformer(read_bert(bert_dir), qformer.config.num_layers)
     params = dict(qformer.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise KeyError(f"BERT weights with no Q-Former parameter: {unknown}")
+        raise ConfigError(f"BERT weights with no Q-Former parameter: {unknown}")
     wrong = [
         f"{k}: {tuple(v.shape)} vs {tuple(params[k].shape)}"
         for k, v in weights.items()
         if v.shape != params[k].shape
     ]
     if wrong:
-        raise ValueError(f"BERT and Q-Former shapes differ: {wrong}")
+        raise ConfigError(f"BERT and Q-Former shapes differ: {wrong}")
     for name, tensor in weights.items():
         params[name].copy_(tensor)
     return sorted(weights)

@@ -18,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoTokenizer
 
 from blipkit import loading
 from blipkit.config import Blip2Config, get_config
 from blipkit.data.sources import TrainingSet, stage1_set, stage2_set
-from blipkit.models.blip2 import Blip2
+from blipkit.errors import ConfigError, ResumeError
+from blipkit.models.blip2 import Blip2, Visual
 from blipkit.processing import ImageProcessor
+from blipkit.text import TextProcessor
 from blipkit.train import batches
 from blipkit.train.config import TrainConfig
 from blipkit.train.distributed import DistEnv, init_distributed, sum_gradients
@@ -34,21 +37,17 @@ from blipkit.train.init import init_qformer_from_bert
 from blipkit.train.schedule import DataOrder, lr_factor
 from blipkit.train.stage1 import TextBatch, stage1_losses
 from blipkit.train.stage2 import (
-    decoder_lm_loss,
     embedding_scale,
-    prefix_lm_loss,
     relative_distance,
     slot_targets,
     warm_start_loss,
 )
 
-RESUME_FILE = "resume.pt"
+RESUME_FILE = "resume.json"  # step, scheduler, optimiser hyperparameters, config; names the tensors file
+RESUME_TENSORS = "resume-{step:08d}.safetensors"  # trainable weights, optimiser state, RNG state
+LEGACY_RESUME_FILE = "resume.pt"  # the pickle of older versions: never loaded
 LOSSES_FILE = "losses.csv"
 PLOT_FILE = "losses.png"
-
-
-class ResumeError(RuntimeError):
-    """The output folder and ``--resume`` disagree (a finished or foreign run, or nothing to resume)."""
 
 
 def model_config(cfg: TrainConfig) -> Blip2Config:
@@ -60,7 +59,7 @@ def model_config(cfg: TrainConfig) -> Blip2Config:
 
 def build_training_model(cfg: TrainConfig, model_cfg: Blip2Config) -> Blip2:
     """Frozen LLM (fp32; bf16 runs use autocast) + fresh or initialised Q-Former and bridge."""
-    llm = loading.build_llm(model_cfg.llm, None, None, torch.float32)
+    llm = loading.build_llm(model_cfg.llm, None, None, torch.float32, cfg.trust_remote_code)
     model = Blip2(model_cfg, nn.Identity(), llm)  # images come from the feature cache
     if cfg.init_from:
         load_trained(model, cfg.init_from)
@@ -82,7 +81,7 @@ def load_trained(model: Blip2, checkpoint: str | Path) -> None:
 def build_teacher(model: Blip2, checkpoint: str | Path) -> Blip2:
     """A frozen copy of ``checkpoint``'s Q-Former and bridge that shares ``model``'s (frozen) LLM."""
     if not model.has_llm:
-        raise ValueError("teacher: the keep loss compares visual prompts, and this model has no LLM")
+        raise ConfigError("teacher: the keep loss compares visual prompts, and this model has no LLM")
     teacher = copy.deepcopy(model, memo={id(model.llm): model.llm})  # the LLM is shared, not copied
     load_trained(teacher, checkpoint)
     teacher.qformer.requires_grad_(False)
@@ -115,12 +114,13 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.env.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size {cfg.batch_size} is not divisible by {self.env.world_size} processes"
             )
         torch.manual_seed(cfg.seed)
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
         self.model_cfg = model_config(cfg)
+        self.model_cfg.qformer.max_text_tokens = cfg.max_text_tokens  # recorded in the checkpoints
         self.model = build_training_model(cfg, self.model_cfg).to(self.device)
         self.teacher = build_teacher(self.model, cfg.teacher) if cfg.teacher else None
         if self.teacher is not None:  # the keep loss's unit; the word embeddings are frozen
@@ -131,17 +131,19 @@ class Trainer:
             for name, param in self.trainable.named_parameters():
                 param.requires_grad_(name.startswith(prefixes))
             if not any(p.requires_grad for p in self.trainable.parameters()):
-                raise ValueError(
+                raise ConfigError(
                     f"trainable={cfg.trainable!r} matches no parameter of the Q-Former or bridge"
                 )
         self.data = self._training_set()
         self.features = self._features()
         self.order = DataOrder(len(self.data), cfg.batch_size, cfg.seed, cfg.views, cfg.augment_prob)
-        self.qformer_tok = AutoTokenizer.from_pretrained(loading.resolve(self.model_cfg.qformer_tokenizer))
+        trust = cfg.trust_remote_code
+        self.qformer_tok = loading.load_tokenizer(loading.resolve(self.model_cfg.qformer_tokenizer), trust)
         self.llm_tok = None
         if self.model.has_llm:
             llm_ref = self.model_cfg.llm.tokenizer or self.model_cfg.llm.pretrained
-            self.llm_tok = AutoTokenizer.from_pretrained(loading.resolve(llm_ref))
+            self.llm_tok = loading.load_tokenizer(loading.resolve(llm_ref), trust)
+        self.text = TextProcessor(self.model_cfg, self.llm_tok, self.qformer_tok)
         self.vocabulary = (
             self._caption_vocabulary() if cfg.stage == "stage2" and cfg.warm_start_steps else None
         )
@@ -152,7 +154,7 @@ class Trainer:
         self.step = 0
         names = self._loss_names()
         if not set(names) - {"warm_start"} and cfg.max_steps > cfg.warm_start_steps:
-            raise ValueError(f"loss_weights={cfg.loss_weights!r} leaves no loss after the warm start")
+            raise ConfigError(f"loss_weights={cfg.loss_weights!r} leaves no loss after the warm start")
         self.columns = ["step", "loss", *names, "lr", "epoch", "samples_per_s"]
         self._prepare_output(resume)
 
@@ -184,7 +186,7 @@ class Trainer:
         vision_cfg = self.model_cfg.vision
 
         def make_encoder() -> nn.Module:
-            return loading.build_vision(vision_cfg, None, None).eval()
+            return loading.build_vision(vision_cfg, None, None, self.cfg.trust_remote_code).eval()
 
         processor = ImageProcessor.from_dict(self.model_cfg.processor)
         name = vision_cfg.pretrained or vision_cfg.kind
@@ -204,7 +206,7 @@ class Trainer:
         """(captions, targets) of the examples; missing captions are an error when they are needed."""
         captions = [self.data.captions[e] for e in examples]
         if self.cfg.warm_start_text != "target" and not all(captions):
-            raise ValueError("the warm start spells captions, and some images have none (warm_start_text)")
+            raise ConfigError("the warm start spells captions, and some images have none (warm_start_text)")
         return [c or "" for c in captions], [self.data.targets[e] or "" for e in examples]
 
     def _caption_vocabulary(self) -> Tensor:
@@ -212,7 +214,7 @@ class Trainer:
         captions, targets = self._warm_start_texts(range(len(self.data)))
         texts = sorted(set(captions) | set(targets)) if self.cfg.warm_start_text == "both" else None
         texts = texts or sorted(set(captions if self.cfg.warm_start_text == "caption" else targets))
-        ids, mask = batches.caption_tokens(self.llm_tok, texts)
+        ids, mask = self.text.word_tokens(texts)
         return torch.unique(ids[mask.bool()]).to(self.device)
 
     def _warm_start_targets(self, examples, num_queries: int) -> Tensor:
@@ -220,18 +222,18 @@ class Trainer:
         captions, targets = self._warm_start_texts(examples)
         mode = self.cfg.warm_start_text
         if mode != "both":
-            ids, mask = batches.caption_tokens(self.llm_tok, captions if mode == "caption" else targets)
+            ids, mask = self.text.word_tokens(captions if mode == "caption" else targets)
             return slot_targets(ids, mask, num_queries).to(self.device)
         half = num_queries // 2
-        first = slot_targets(*batches.caption_tokens(self.llm_tok, captions), half)
-        second = slot_targets(*batches.caption_tokens(self.llm_tok, targets), num_queries - half)
+        first = slot_targets(*self.text.word_tokens(captions), half)
+        second = slot_targets(*self.text.word_tokens(targets), num_queries - half)
         return torch.cat([first, second], dim=1).to(self.device)
 
     def _prepare_output(self, resume: bool) -> None:
-        state_file = self.out / RESUME_FILE
-        if resume and state_file.exists():
-            self._load_state(torch.load(state_file, map_location="cpu", weights_only=False))
-        elif state_file.exists():
+        saved = (self.out / RESUME_FILE).exists() or (self.out / LEGACY_RESUME_FILE).exists()
+        if resume and saved:
+            self._load_state(*self._read_state())
+        elif saved:
             raise ResumeError(
                 f"{self.out} already holds a run; pass --resume to continue it or pick a new --out"
             )
@@ -241,12 +243,36 @@ class Trainer:
             self._truncate_log()
         self.env.barrier()
 
-    def _load_state(self, state: dict) -> None:
-        self.trainable.load_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = state["step"]
+    def _read_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """The saved JSON and the safetensors file it names; nothing is unpickled."""
+        file = self.out / RESUME_FILE
+        if not file.exists():
+            raise ResumeError(
+                f"{self.out / LEGACY_RESUME_FILE} is resume state in the pickle format of older blipkit "
+                "versions; it is not loaded (unpickling can run code): start the run again in a new --out"
+            )
+        try:
+            state = json.loads(file.read_text())
+            name = state["tensors"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ResumeError(f"{file} is not blipkit resume state: {e!r}") from None
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise ResumeError(f"{file}: 'tensors' must name a .safetensors file beside it, got {name!r}")
+        try:
+            return state, load_file(str(self.out / name))
+        except (OSError, SafetensorError) as e:
+            raise ResumeError(f"{self.out / name} is not a readable safetensors file: {e}") from None
+
+    def _load_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
+        try:
+            trainable = {k[len("trainable.") :]: v for k, v in tensors.items() if k.startswith("trainable.")}
+            self.trainable.load_state_dict(trainable)
+            self.optimizer.load_state_dict(_optimizer_state(state["optimizer"], tensors, self.optimizer))
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(tensors["rng.torch"])
+            self.step = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ResumeError(f"{self.out / RESUME_FILE} does not fit this run: {e!r}") from None
 
     def _truncate_log(self) -> None:
         """Keep the logged steps up to the resumed step (a killed run may have logged past its checkpoint)."""
@@ -265,7 +291,7 @@ class Trainer:
 
     def _caption_batch(self, examples: np.ndarray) -> TextBatch:
         captions = [self.data.captions[e] or "" for e in examples]
-        ids, mask = batches.qformer_text(self.qformer_tok, captions, self.cfg.max_text_tokens)
+        ids, mask = self.text.qformer_batch(captions)
         names = {c: i for i, c in enumerate(sorted(set(captions)))}
         group = torch.tensor([names[c] for c in captions])
         return TextBatch(ids.to(self.device), mask.to(self.device), group.to(self.device), self._rows())
@@ -286,24 +312,28 @@ class Trainer:
         )
         return {name: s / n for name, (s, n) in vars(losses).items()}
 
-    def _prefix_inputs(self, examples: np.ndarray, image_embeds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """This process's image features and Q-Former prompt tokens: (b, P, Dv), (b, T), (b, T)."""
+    def _visual(self, examples: np.ndarray, image_embeds: Tensor) -> Visual:
+        """This process's image features (b, P, Dv) and Q-Former prompt tokens (b, T)."""
         rows = self._rows()
         prompts = [self.data.prompts[e] for e in examples[rows]]
-        ids, mask = batches.qformer_text(self.qformer_tok, prompts, self.cfg.max_text_tokens)
-        return image_embeds[rows], ids.to(self.device), mask.to(self.device)
+        ids, mask = self.text.qformer_batch(prompts)
+        return Visual(
+            image_embeds=image_embeds[rows],
+            qformer_input_ids=ids.to(self.device),
+            qformer_attention_mask=mask.to(self.device),
+        )
 
-    def _keep(self, inputs: tuple[Tensor, Tensor, Tensor], prefix: Tensor) -> Tensor:
+    def _keep(self, visual: Visual, prefix: Tensor) -> Tensor:
         """Mean relative distance of the visual prompt tokens to the teacher's on the same inputs."""
         with torch.no_grad():
-            target = self.teacher.visual_prompt(*inputs)  # (b, Q, Dl)
+            target = self.teacher.visual_prompt(visual)  # (b, Q, Dl)
         return relative_distance(prefix, target, self.keep_scale) / (self.cfg.batch_size * prefix.shape[1])
 
     def _stage2(self, examples: np.ndarray, image_embeds: Tensor, step: int) -> dict[str, Tensor]:
         cfg, rows = self.cfg, self._rows()
-        inputs = self._prefix_inputs(examples, image_embeds)
-        prefix = self.model.visual_prompt(*inputs)  # (b, Q, Dl)
-        losses = {"keep": self._keep(inputs, prefix)} if self.teacher is not None else {}
+        visual = self._visual(examples, image_embeds)
+        prefix = self.model.visual_prompt(visual)  # (b, Q, Dl)
+        losses = {"keep": self._keep(visual, prefix)} if self.teacher is not None else {}
         if step < cfg.warm_start_steps:
             targets = self._warm_start_targets(examples[rows], prefix.shape[1])  # (b, Q)
             table = self.model.llm.get_input_embeddings().weight
@@ -313,12 +343,12 @@ class Trainer:
             prompts = [self.data.prompts[e] for e in examples]
             targets = [self.data.targets[e] for e in examples]
             encdec = self.model.is_encoder_decoder
-            ids, mask, labels = batches.llm_text(self.llm_tok, prompts, targets, cfg.max_text_tokens, encdec)
+            ids, mask, labels = self.text.lm_batch(prompts, targets, cfg.max_text_tokens, encdec)
             count = int((labels != -100).sum())  # scored tokens of the global batch
             local = batches.trim(mask[rows], ids[rows], labels[rows])
             mask, ids, labels = (t.to(self.device) for t in local)
-            loss_fn = prefix_lm_loss if encdec else decoder_lm_loss
-            losses["lm"] = loss_fn(self.model.llm, prefix, ids, mask, labels) / count
+            inputs = self.model.llm_inputs(prefix, ids, mask)  # (b, Q+T, Dl)
+            losses["lm"] = self.model.lm_loss(inputs, labels, reduction="sum") / count
         if cfg.stage1_weight:
             extra = self._stage1(examples, image_embeds, step)
             losses.update({k: v * cfg.stage1_weight for k, v in extra.items()})
@@ -390,17 +420,24 @@ class Trainer:
         """Resumable state (weights, optimiser, scheduler, RNG, step) and a loadable blipkit checkpoint."""
         if not self.env.is_main:
             return
+        optimizer, tensors = _split_optimizer_state(self.optimizer.state_dict())
+        tensors |= {f"trainable.{k}": v for k, v in self.trainable.state_dict().items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        name = RESUME_TENSORS.format(step=self.step)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _write_atomically(self.out / name, lambda tmp: save_file(tensors, str(tmp)))
         state = {
             "step": self.step,
-            "trainable": self.trainable.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "tensors": name,
             "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "optimizer": optimizer,
             "config": self.cfg.to_dict(),
         }
-        tmp = self.out / (RESUME_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / RESUME_FILE)
+        # the JSON names the tensors file and is written last: a kill before it keeps the previous state
+        _write_atomically(self.out / RESUME_FILE, lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
+        for old in self.out.glob(RESUME_TENSORS.replace("{step:08d}", "*")):
+            if old.name != name:
+                old.unlink(missing_ok=True)
         loading.save_checkpoint(self.model, self.out / "checkpoint")
         plot_losses(self.out / LOSSES_FILE, self.out / PLOT_FILE)
 
@@ -415,6 +452,39 @@ class Trainer:
                 export_fp16(final, self.out / "final-fp16")
         self.env.barrier()
         return final
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path`` (a kill leaves old or new)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict, dict[str, Tensor]]:
+    """An optimiser ``state_dict`` as JSON (param groups, other state) and ``optimizer.INDEX.KEY`` tensors."""
+    tensors, other = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                other.setdefault(str(index), {})[key] = value
+    return {"param_groups": state["param_groups"], "state": other}, tensors
+
+
+def _optimizer_state(saved: dict, tensors: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """Inverse of ``_split_optimizer_state``; tuples that JSON made lists (``betas``) are tuples again."""
+    state: dict[int, dict] = {int(i): dict(entry) for i, entry in saved["state"].items()}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    groups = [
+        {k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in group.items()}
+        for group, current in zip(saved["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 def plot_losses(csv_file: Path, png_file: Path) -> bool:

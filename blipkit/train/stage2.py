@@ -1,7 +1,8 @@
 """Stage 2: connect the queries to a frozen LLM (BLIP-2 §3.3), after an optional cheap warm start.
 
-- LM loss, decoder-only: the LLM reads [visual prompt; prompt; target] and is scored on the target tokens
-  only; the vocabulary projection is computed only at those positions (most of a step's cost otherwise).
+- LM loss (``Blip2.lm_loss``), decoder-only: the LLM reads [visual prompt; prompt; target] and is scored on
+  the target tokens only, the first of them from the last visual-prompt position; the vocabulary projection
+  runs only at those positions (most of a step's cost otherwise).
 - prefix-LM, encoder-decoder: the encoder reads [visual prompt; prompt], the decoder produces the target.
 - Warm start (no LLM forward): the visual prompt tokens regress onto the LLM word embeddings of the image's
   caption and/or the expected answer, plus a cross-entropy over those words, so the LLM sees familiar
@@ -18,40 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-
-def decoder_lm_loss(
-    llm: nn.Module,
-    prefix: Tensor,  # (b, Q, Dl) visual prompt
-    input_ids: Tensor,  # (b, T) prompt + target tokens, right-padded
-    attention_mask: Tensor,  # (b, T)
-    labels: Tensor,  # (b, T) the target tokens, -100 on prompt and padding
-) -> Tensor:
-    """Summed next-token cross-entropy on the labelled tokens of a decoder-only LLM."""
-    text = llm.get_input_embeddings()(input_ids)  # (b, T, Dl)
-    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)  # (b, Q+T, Dl)
-    ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-    mask = torch.cat([ones, attention_mask], dim=1)  # (b, Q+T)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, Q+T)
-    hidden = llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)[0]
-    full_labels = torch.cat([torch.full_like(ones, -100, dtype=labels.dtype), labels], dim=1)  # (b, Q+T)
-    targets = full_labels[:, 1:]  # position i predicts token i+1; the first target may follow the prefix
-    scored = targets != -100  # (b, Q+T-1)
-    logits = llm.get_output_embeddings()(hidden[:, :-1][scored])  # (N, V) only where it counts
-    return F.cross_entropy(logits.float(), targets[scored], reduction="sum")
-
-
-def prefix_lm_loss(
-    llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
-) -> Tensor:
-    """Summed decoder cross-entropy of an encoder-decoder LLM; ``labels`` (b, S) are the decoder targets."""
-    text = llm.get_input_embeddings()(input_ids)  # (b, T, Dl)
-    embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
-    ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-    mask = torch.cat([ones, attention_mask], dim=1)
-    logits = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits  # (b, S, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+from torch import Tensor
 
 
 def slot_targets(token_ids: Tensor, token_mask: Tensor, num_slots: int) -> Tensor:

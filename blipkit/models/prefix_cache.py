@@ -2,16 +2,16 @@
 
 With a decoder-only LLM and a visual prompt that does not read the question (``bridge.text_input`` off), the
 visual prompt always fills positions 0..Q-1 of the LLM sequence, so its keys and values in every layer are
-the same whatever text follows. ``compute_prefix_kv`` computes them for new images; ``generate_after_prefix``
-stacks the cached rows of a batch into a fresh ``DynamicCache`` and lets transformers' ``generate`` run the
-LLM over the text tokens only, with this layout (left-padded text, padding between the prefix and the text)::
+the same whatever text follows. ``compute_prefix_kv`` computes them for new images; ``stack_kv`` puts the
+cached rows of a batch into a fresh ``DynamicCache``, and ``blipkit.models.decoding`` runs the LLM over the
+text tokens only, with this layout (left-padded text, padding between the prefix and the text)::
 
     [visual prompt, Q, from the cache][pad ..., mask 0][text]
 
-Position ids come from the attention mask's cumulative sum, so every row's prefix sits at 0..Q-1 and its text
-continues at Q whatever its length: learned positions (OPT) and rotary ones (Llama) see the same positions as
-in the uncached layout ``[pad ...][visual prompt][text]`` of ``Blip2.generate``, and the padding is masked
-out, so both give the same logits. Models outside that case (question-aware bridges, encoder-decoder LLMs,
+Position ids come from the attention mask (``positions_from_mask``), so every row's prefix sits at 0..Q-1
+and its text continues at Q whatever its length: learned positions (OPT) and rotary ones (Llama) see the same
+positions as in the uncached layout ``[pad ...][visual prompt][text]`` of left-packed generation, and the
+padding is masked out, so both give the same logits. Models outside that case (question-aware bridges, encoder-decoder LLMs,
 LLMs whose cache is not a plain per-layer key/value store) are not served from here.
 """
 
@@ -73,20 +73,3 @@ def stack_kv(llm: nn.Module, rows: Sequence[KV]) -> DynamicCache:
     for i, layer in enumerate(zip(*rows, strict=True)):  # layer: one (keys, values) per row
         cache.update(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]), i)  # (B, H, Q, d)
     return cache
-
-
-@torch.inference_mode()
-def generate_after_prefix(
-    blip: Blip2, prefix: Tensor, rows: Sequence[KV], input_ids: Tensor, attention_mask: Tensor, **kwargs: Any
-) -> Any:
-    """transformers' ``generate`` after each row's cached visual prompt, running the LLM over the text only.
-
-    ``prefix`` (B, Q, D) is the visual prompt whose keys/values are ``rows``; ``input_ids`` and
-    ``attention_mask`` (B, T) are the text prompts, padded on the left, at least one real token per row.
-    ``kwargs`` go to ``generate`` (``max_new_tokens``, ``do_sample``, ``stopping_criteria``, ...); its output
-    is returned.
-    """
-    embeds, mask = blip._inputs(prefix, input_ids, attention_mask)  # (B, Q+T, D), (B, Q+T)
-    cache = {cache_keyword(blip.llm): stack_kv(blip.llm, rows)}
-    # generate slices the embeddings past the cached length: only [pad ...][text] runs through the LLM
-    return blip.llm.generate(inputs_embeds=embeds, attention_mask=mask, **cache, **kwargs)

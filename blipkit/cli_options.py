@@ -1,0 +1,36 @@
+"""Options every ``blipkit`` command that runs a model shares, and the one way they load it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype``, ``--device`` and ``--trust-remote-code``."""
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded), a transformers BLIP-2 dir or a blipkit checkpoint dir (default: default)",
+    )
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="frozen weights' dtype (default fp32)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped inside a checkpoint dir (only for checkpoints you trust)",
+    )
+
+
+def load_model(args: argparse.Namespace, model: str | None = None) -> Any:
+    """The ``blipkit.Model`` the options name (``model`` overrides ``--model``)."""
+    import blipkit
+
+    return blipkit.load(
+        model or args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+    )
