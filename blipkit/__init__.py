@@ -7,7 +7,7 @@ import os
 import torch
 
 from blipkit.api import Chat, Model
-from blipkit.config import Blip2Config, get_config, list_models
+from blipkit.config import Blip2Config, get_config, list_configs, list_models
 from blipkit.loading import CheckpointError, load_checkpoint, save_checkpoint
 from blipkit.processing import ImageError, ImageProcessor, load_image
 
@@ -20,6 +20,7 @@ __all__ = [
     "ImageProcessor",
     "Model",
     "get_config",
+    "list_configs",
     "list_models",
     "load",
     "load_checkpoint",

@@ -181,13 +181,21 @@ def _build(cls: type, d: Any, lead: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
 def list_models() -> list[str]:
-    """Names of the architecture configs shipped in ``blipkit/configs``."""
+    """Names ``blipkit.load`` accepts on their own: the models shipped with their weights."""
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
+
+
+def list_configs() -> list[str]:
+    """Architectures shipped in ``blipkit/configs`` (for training; ``get_config(name)``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def get_config(name: str) -> Blip2Config:
     path = CONFIG_DIR / f"{name}.json"
     if not path.exists():
-        raise KeyError(f"unknown model config {name!r}; known: {list_models()}")
+        raise ConfigError(f"unknown model config {name!r}; known: {list_configs()}")
     return Blip2Config.from_json(path)

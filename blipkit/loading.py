@@ -11,6 +11,7 @@ referenced transformers dir that ships Python code (``auto_map``) is refused unl
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from blipkit.config import Blip2Config, LLMConfig, VisionConfig
+from blipkit.config import WEIGHTS_DIR, Blip2Config, LLMConfig, VisionConfig, list_configs, list_models
 from blipkit.convert import hf_blip2
 from blipkit.errors import CheckpointError, ConfigError
 from blipkit.models.blip2 import Blip2
@@ -33,7 +34,6 @@ from blipkit.text import TextProcessor
 BLIPKIT_FORMAT = "blipkit"
 BRIDGE_FILE = "bridge.safetensors"
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")  # where transformers finds an ``auto_map``
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -298,6 +298,22 @@ def _processor_from_hf_dir(path: Path) -> dict[str, Any]:
     return {}
 
 
+def _not_a_model(name: str) -> str:
+    """Why ``name`` does not load, with the names that would."""
+    models = list_models()
+    if name in list_configs():
+        return (
+            f"{name!r} is an architecture config for training (blipkit train --model={name}), not a model "
+            f"with weights; models by name: {models}, or a checkpoint directory"
+        )
+    close = difflib.get_close_matches(name.lower(), models + list_configs(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"no model or checkpoint at {name!r}{hint} (models by name: {models}; otherwise a directory with "
+        "config.json: a transformers BLIP-2 save_pretrained dir or a blipkit checkpoint)"
+    )
+
+
 # --- public entry points ------------------------------------------------------------------------------------
 def load_checkpoint(
     name_or_path: str | os.PathLike,
@@ -318,9 +334,7 @@ def load_checkpoint(
     if not path.exists() and (WEIGHTS_DIR / str(name_or_path)).exists():
         path = WEIGHTS_DIR / str(name_or_path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {str(name_or_path)!r} (expected a directory with config.json)"
-        )
+        raise FileNotFoundError(_not_a_model(str(name_or_path)))
     raw = read_config(path / "config.json")
     trust = {"trust_remote_code": trust_remote_code}
     if raw.get("format") == BLIPKIT_FORMAT:

@@ -113,5 +113,5 @@ def test_key_maps_invert(opt_dir):
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no model or checkpoint"):
         blipkit.load(tmp_path)

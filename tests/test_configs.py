@@ -16,7 +16,8 @@ from transformers import (
 )
 
 import blipkit
-from blipkit.config import Blip2Config, get_config, list_models
+from blipkit.config import WEIGHTS_DIR, Blip2Config, get_config, list_configs, list_models
+from blipkit.errors import ConfigError
 from blipkit.models.blip2 import Blip2
 from blipkit.models.vision import Dinov2Encoder, EvaViT
 
@@ -84,11 +85,23 @@ def shrink(name: str) -> Blip2:
     return Blip2(cfg, vision, _tiny_llm(cfg)).eval()
 
 
-def test_there_are_configs():
-    assert {"default", "blip2-opt-2.7b", "blip2-flan-t5-xl"} <= set(list_models())
+def test_there_are_configs_and_every_listed_model_has_its_weights():
+    assert {"default", "blip2-opt-2.7b", "blip2-flan-t5-xl"} <= set(list_configs())
+    assert list_models() == ["default"]  # only what loads by name alone
+    for name in list_models():
+        assert (WEIGHTS_DIR / name / "bridge.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", list_models())
+def test_names_that_do_not_load_say_what_would():
+    with pytest.raises(FileNotFoundError, match=r"architecture config for training.*\['default'\]"):
+        blipkit.load("blip2-opt-2.7b")
+    with pytest.raises(FileNotFoundError, match="did you mean 'default'"):
+        blipkit.load("defualt")
+    with pytest.raises(FileNotFoundError, match="did you mean 'default'"):
+        blipkit.load("Default")
+
+
+@pytest.mark.parametrize("name", list_configs())
 def test_config_builds_and_runs(name):
     torch.manual_seed(0)
     model = shrink(name)
@@ -115,7 +128,17 @@ def test_unknown_key_in_a_block_is_named():
 
 
 def test_unknown_model_name():
-    with pytest.raises(KeyError, match="unknown model config"):
+    with pytest.raises(ConfigError, match="unknown model config"):
         get_config("blip3")
     with pytest.raises(FileNotFoundError):
         blipkit.load("no-such-model-or-dir")
+
+
+def test_tower_widths_are_checked_against_the_config():
+    cfg = shrink("default").config
+    wide = dataclasses.replace(cfg.qformer, encoder_hidden_size=WIDTH + 8)
+    with pytest.raises(ConfigError, match=r"vision encoder is 32 wide.*qformer.encoder_hidden_size is 40"):
+        Blip2(dataclasses.replace(cfg, qformer=wide), _tiny_vision(cfg), _tiny_llm(cfg))
+    bridge = dataclasses.replace(cfg.bridge, llm_hidden_size=WIDTH * 2)
+    with pytest.raises(ConfigError, match=r"language model is 32 wide.*bridge.llm_hidden_size is 64"):
+        Blip2(dataclasses.replace(cfg, bridge=bridge), _tiny_vision(cfg), _tiny_llm(cfg))

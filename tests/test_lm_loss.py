@@ -28,8 +28,13 @@ def decoder_only() -> Blip2:
     torch.manual_seed(0)
     llm = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=V, hidden_size=D, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=32,
+            vocab_size=V,
+            hidden_size=D,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
         )  # fmt: skip
     )
     return tiny_blip2(llm.eval(), "causal")
@@ -40,7 +45,13 @@ def encoder_decoder() -> Blip2:
     torch.manual_seed(0)
     llm = T5ForConditionalGeneration(
         T5Config(
-            vocab_size=V, d_model=D, d_kv=8, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0,
+            vocab_size=V,
+            d_model=D,
+            d_kv=8,
+            d_ff=24,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
             pad_token_id=0,
         )  # fmt: skip
     )

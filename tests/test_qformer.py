@@ -96,6 +96,27 @@ def test_heads_shapes(qformer):
         torch.testing.assert_close(t.norm(dim=-1), torch.ones(2))
         assert qformer.itm_logits(image, ids, mask).shape == (2, 2)
         hidden = qformer(image, ids, mask, mask_kind="multimodal_causal")[:, Q:]
-        assert qformer.lm_logits(hidden).shape == (2, 3, 50)
-    assert qformer.lm_bias.shape == (50,)
+        for param in (qformer.lm_bias, qformer.lm_norm.weight, qformer.lm_norm.bias):  # away from their init
+            param.add_(torch.randn_like(param) * 0.1)
+        torch.testing.assert_close(
+            qformer.lm_logits(hidden), bert_lm_head(qformer)(hidden), rtol=1e-5, atol=1e-5
+        )
+    assert qformer.lm_bias.shape == (50,) and qformer.lm_bias.abs().sum() > 0
     assert float(qformer.temp.detach()) == pytest.approx(0.07)
+
+
+def bert_lm_head(qformer) -> torch.nn.Module:
+    """transformers' own BERT LM head (transform, LayerNorm, tied decoder) with the Q-Former's ITG weights."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+    cfg = qformer.config
+    head = BertLMPredictionHead(
+        BertConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, layer_norm_eps=cfg.layer_norm_eps)
+    )
+    head.transform.dense.load_state_dict(qformer.lm_transform.state_dict())
+    head.transform.LayerNorm.load_state_dict(qformer.lm_norm.state_dict())
+    head.decoder.weight = qformer.word_embeddings.weight  # tied, as in BERT and BLIP-2's ITG
+    head.bias = qformer.lm_bias
+    head.decoder.bias = qformer.lm_bias
+    return head.eval()

@@ -9,7 +9,6 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ uvicorn = pytest.importorskip("uvicorn")
 import blipkit  # noqa: E402
 from blipkit.serve import create_app  # noqa: E402
 
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
 CHROME_FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -97,7 +95,7 @@ def test_100_concurrent_requests_are_all_answered(server):
     results = asyncio.run(main())
     assert [status for status, _ in results] == [200] * 100
     for i, (_, last) in enumerate(results):
-        assert last == ("data: [DONE]" if i % 5 == 0 else last) and last in ("stop", "length", "data: [DONE]")
+        assert last == "data: [DONE]" if i % 5 == 0 else last in ("stop", "length")
     health = httpx.get(f"{server}/health").json()
     assert health["largest_batch"] > 1 and health["cache"]["size"] == 4
 
@@ -153,7 +151,7 @@ def test_web_page_chat_in_headless_chromium(server, model, tmp_path):
         assert browser.execute_script("return window.updates") > 10  # 2 questions, 2 bubbles, many deltas
         widths = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
         assert widths[0] <= widths[1] <= 390  # fits a phone screen without sideways scrolling
-        REPORTS.mkdir(exist_ok=True)
-        browser.save_screenshot(str(REPORTS / "serve-screenshot.png"))
+        shot = tmp_path / "serve-screenshot.png"  # never into the tracked reports/
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
     finally:
         browser.quit()

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from blipkit.batch.files import missing_paths
 from blipkit.batch.job import Job, default_workers
 from blipkit.batch.writers import FORMATS, open_sink
-
-EXIT_USAGE = 2
+from blipkit.errors import EXIT_USAGE, UsageError
 
 
 def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -69,7 +68,7 @@ def _format(args: argparse.Namespace) -> str:
 def job_from_args(args: argparse.Namespace) -> Job:
     for name in ("batch_size", "max_new_tokens", "num_beams", "concurrency"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     return Job(
         paths=args.paths,
         out=args.out,

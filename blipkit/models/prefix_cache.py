@@ -11,8 +11,8 @@ text tokens only, with this layout (left-padded text, padding between the prefix
 Position ids come from the attention mask (``positions_from_mask``), so every row's prefix sits at 0..Q-1
 and its text continues at Q whatever its length: learned positions (OPT) and rotary ones (Llama) see the same
 positions as in the uncached layout ``[pad ...][visual prompt][text]`` of left-packed generation, and the
-padding is masked out, so both give the same logits. Models outside that case (question-aware bridges, encoder-decoder LLMs,
-LLMs whose cache is not a plain per-layer key/value store) are not served from here.
+padding is masked out, so both give the same logits. Models outside that case (question-aware bridges,
+encoder-decoder LLMs, LLMs whose cache is not a plain per-layer key/value store) are not served from here.
 """
 
 from __future__ import annotations
