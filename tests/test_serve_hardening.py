@@ -345,6 +345,32 @@ def test_slow_origins_do_not_hold_up_other_requests(model, origin):
         assert timeout - 0.2 < took < timeout + 2.0
 
 
+def test_a_long_history_is_fitted_off_the_event_loop(model):
+    """A 2,000-turn conversation: its prompt is fitted (linear in the turns, in a worker thread) while
+    ``/health`` keeps answering."""
+    url = data_uri(png(5))
+    turns = []
+    for i in range(2000):
+        turns += [
+            {"role": "user", "content": f"is the shape number {i} red?"},
+            {"role": "assistant", "content": "no"},
+        ]
+    turns[0] = chat(url, "is the shape number 0 red?")["messages"][0]
+    body = {"messages": [*turns, {"role": "user", "content": "and its colour?"}], "max_tokens": 2}
+    with live(create_app(model)) as base, httpx.Client(base_url=base, timeout=60) as client:
+        client.post("/v1/chat/completions", json=chat(url))  # warm up
+        with ThreadPoolExecutor(4) as pool:
+            long = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(3)]
+            waits = []
+            while not all(f.done() for f in long):
+                start = time.monotonic()
+                assert client.get("/health").status_code == 200
+                waits.append(time.monotonic() - start)
+            answers = [f.result() for f in long]
+    assert all(r.status_code == 200 for r in answers), answers[0].text
+    assert max(waits) < 1.0 and len(waits) >= 1
+
+
 # --- bodies, pixels, memory ------------------------------------------------------------------------------
 
 
