@@ -7,6 +7,11 @@ One network, three attention masks (see ``build_attention_mask``): queries and t
 of every layer; queries also cross-attend to the image in layers 0, k, 2k, ...; query and text positions have
 separate feed-forward networks. Post-LN throughout, as BERT.
 
+No dropout: BLIP-2 trains its Q-Former with BERT's 0.1, but blipkit's trained parts sit on frozen towers,
+read cached features and are trained for about an epoch on CPU (the embedded default), where there is
+little to regularise and every step counts; at inference dropout is off anyway, so loading public
+checkpoints gives the same numbers either way.
+
 Shape letters: B batch, Q queries, T text, P image tokens (patches + 1), D width, Dv vision width,
 H heads, Dh head dim, E ITC embedding dim, V vocabulary.
 """
