@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from blipkit.config import WEIGHTS_DIR, Blip2Config, LLMConfig, VisionConfig, list_configs, list_models
 from blipkit.convert import hf_blip2
-from blipkit.errors import CheckpointError, ConfigError
+from blipkit.errors import CheckpointError, ConfigError, EnvironmentProblem, UsageError
 from blipkit.models.blip2 import Blip2
 from blipkit.models.vision import Dinov2Encoder, EvaViT
 from blipkit.processing import ImageProcessor
@@ -298,6 +298,30 @@ def _processor_from_hf_dir(path: Path) -> dict[str, Any]:
     return {}
 
 
+def check_device(device: str | None) -> None:
+    """A device torch knows and this machine has, checked before anything loads."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(
+                f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu, or "
+                "install a CUDA build of torch (pip install torch) on a machine with an NVIDIA GPU"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EnvironmentProblem(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device!r}: blipkit runs on cpu, cuda or mps")
+
+
 def _not_a_model(name: str) -> str:
     """Why ``name`` does not load, with the names that would."""
     models = list_models()
@@ -330,6 +354,7 @@ def load_checkpoint(
 
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise
     dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
+    check_device(device)
     path = Path(name_or_path).expanduser()
     if not path.exists() and (WEIGHTS_DIR / str(name_or_path)).exists():
         path = WEIGHTS_DIR / str(name_or_path)

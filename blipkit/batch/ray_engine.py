@@ -16,6 +16,7 @@ import numpy as np
 from blipkit.batch.decode import decode_one
 from blipkit.batch.job import Job, Progress, Summary, pending, result_rows
 from blipkit.batch.writers import Sink
+from blipkit.extras import require
 
 
 class CaptionActor:
@@ -60,7 +61,8 @@ class CaptionActor:
 
 def run_ray(job: Job, sink: Sink) -> Summary:
     """Caption the pending images of ``job`` on Ray Data; this process writes results as they arrive."""
-    import ray
+    ray = require("ray", "blipkit caption --engine ray", "ray")
+    require("ray.data", "blipkit caption --engine ray", "ray")
 
     summary = Summary()
     todo = [{"key": key, "path": path} for key, path in pending(job, sink, summary)]  # names only

@@ -28,6 +28,7 @@ from typing import IO, Protocol
 from blipkit.batch.files import scan_folder
 from blipkit.batch.lock import OutputLock
 from blipkit.errors import OutputWriteError, UsageError
+from blipkit.extras import require
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 COLUMNS = ("path", "caption", "error")
@@ -216,7 +217,7 @@ class ParquetSink(_SnapshotSink):
     """Parquet (columns path, caption, error); each snapshot adds one row group to the previous ones."""
 
     def __init__(self, *args, **kwargs):
-        import pyarrow as pa
+        pa = require("pyarrow", "Parquet output", "parquet")
 
         self.schema = pa.schema([(c, pa.string()) for c in COLUMNS])
         super().__init__(*args, **kwargs)

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from blipkit.errors import DataError
+from blipkit.errors import DataError, missing_extra
 
 __all__ = ["JAVA_HELP", "caption_metrics", "java_available", "tokenize"]
 
@@ -57,9 +57,7 @@ def java_available() -> bool:
 def _package_dir() -> Path:
     spec = importlib.util.find_spec("pycocoevalcap")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "caption metrics need pycocoevalcap: pip install 'blipkit[eval]'", name="pycocoevalcap"
-        )
+        raise missing_extra("blipkit eval caption", "pycocoevalcap", "eval")
     return Path(spec.submodule_search_locations[0])
 
 

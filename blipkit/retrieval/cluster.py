@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from blipkit.errors import UsageError
+from blipkit.extras import require
 
 __all__ = ["kmeans", "write_clusters"]
 
 
 def kmeans(embeddings: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), distance to the cluster centre (N,)) of L2-normalised embeddings (N, E)."""
-    from sklearn.cluster import KMeans
+    KMeans = require("sklearn.cluster", "blipkit cluster", "eval", "scikit-learn").KMeans
 
     if not 1 <= k <= len(embeddings):
         raise UsageError(f"k must be between 1 and the number of images ({len(embeddings)}), got {k}")

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
+from blipkit.extras import require
+
 __all__ = ["contact_sheet", "similarity_heatmap"]
 
 
@@ -15,7 +17,7 @@ def similarity_heatmap(
     images: Sequence, texts: Sequence[str], sims, out: str | os.PathLike, title: str | None = None
 ) -> None:
     """Texts down the side, image thumbnails along the top, the (N_img, N_txt) scores in the cells."""
-    import matplotlib
+    matplotlib = require("matplotlib", "a similarity plot (--plot)", "eval")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from blipkit.errors import UsageError
+from blipkit.extras import require
 from blipkit.retrieval.index import ImageIndex
 
 __all__ = ["FAISS_MIN_VECTORS", "Hit", "Searcher", "faiss_available", "itm_logits", "rerank"]
@@ -49,9 +50,7 @@ class Searcher:
         if backend == "auto":
             backend = "faiss" if faiss_available() and n_vectors >= FAISS_MIN_VECTORS else "exact"
         if backend == "faiss" and not faiss_available():
-            raise ModuleNotFoundError(
-                "the faiss backend needs faiss-cpu: pip install faiss-cpu", name="faiss"
-            )
+            require("faiss", "the faiss search backend", "faiss", "faiss-cpu")
         self.index = index
         self.backend = backend
         self._faiss: dict[str, object] = {}
