@@ -130,9 +130,6 @@ class TextProcessor:
             )
         return budget
 
-    def _count_llm(self, texts: list[str], special: bool) -> list[int]:
-        return [len(r) for r in self.require_llm()(texts, add_special_tokens=special)["input_ids"]]
-
     def llm_ids(self, text: str, budget: int | None = None) -> tuple[list[int], bool]:
         """LLM token ids of a prompt and whether it was cut: past ``budget`` it keeps BOS and its end."""
         tok = self.require_llm()
@@ -174,9 +171,6 @@ class TextProcessor:
         """Q-Former ids and mask (B, T), right-padded, cut to the Q-Former's window."""
         return pad(self.qformer_rows(texts), self.qformer_pad_id)
 
-    def _count_qformer(self, texts: list[str], special: bool) -> list[int]:
-        return [len(r) for r in self.require_qformer()(texts, add_special_tokens=special)["input_ids"]]
-
     # --- prompts --------------------------------------------------------------------------------------------
     def caption_prompt(self, prompt: str | None = None) -> str:
         """The text a caption continues: ``prompt``, else the model's caption prompt (often empty)."""
@@ -197,13 +191,17 @@ class TextProcessor:
         budget = self.llm_budget(max_new_tokens)
         turns = [f"{self.question(q)} {a.strip()}".rstrip() for q, a in history]
         last = self.question(message)
-        start = _fit(turns, last, self.prompts.chat_separator, self._count_llm, budget)
+        start = _fit(turns, last, self.prompts.chat_separator, _counter(self.require_llm()), budget)
         text = self.prompts.chat_separator.join([*turns[start:], last])
         ids, cut = self.llm_ids(text, budget)
         qformer_text = text
         if self.question_aware and self.qformer_tokenizer is not None:
             q_start = _fit(
-                turns, last, self.prompts.chat_separator, self._count_qformer, self.qformer_max_tokens
+                turns,
+                last,
+                self.prompts.chat_separator,
+                _counter(self.qformer_tokenizer),
+                self.qformer_max_tokens,
             )
             qformer_text = self.prompts.chat_separator.join([*turns[max(start, q_start) :], last])
         return Prompt(text, ids, qformer_text, dropped_turns=start, truncated=cut)
@@ -240,6 +238,11 @@ class TextProcessor:
         """LLM tokens of " text" (no special tokens): (B, T) ids and mask, as a text reads after a prompt."""
         rows = self.require_llm()([" " + t for t in texts], add_special_tokens=False)["input_ids"]
         return self.llm_batch(rows)
+
+
+def _counter(tokenizer: Any) -> Counter:
+    """Token counts of texts under ``tokenizer``, with or without its special tokens."""
+    return lambda texts, special: [len(r) for r in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
 def _fit(turns: list[str], last: str, sep: str, count: Counter, budget: int) -> int:
