@@ -22,14 +22,14 @@ from blipkit.train import cli as train_cli
 def register(sub: argparse._SubParsersAction, add_model_args=add_model_args) -> None:
     """``ask`` and ``chat``."""
     p = sub.add_parser("ask", help="answer a question about an image")
-    p.add_argument("image")
-    p.add_argument("question")
+    p.add_argument("image", help="an image file")
+    p.add_argument("question", help="the question, in quotes")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the model's)")
     add_model_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="chat about an image; one turn per line on stdin")
-    p.add_argument("image")
+    p.add_argument("image", help="the image the conversation is about")
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest answer per turn (default 30)")
     add_model_args(p)
     p.set_defaults(func=cmd_chat)

@@ -29,6 +29,7 @@ def test_cli_device_errors(opt_dir, capsys):
 
 def test_a_missing_extra_names_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
     with pytest.raises(
         MissingExtra, match=r"blipkit cluster needs scikit-learn: pip install 'blipkit\[eval\]'"
     ):
@@ -43,6 +44,7 @@ def test_cli_cluster_without_scikit_learn(retrieval_dir, tmp_path, monkeypatch, 
     for i in range(3):
         Image.new("RGB", (20, 20), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
     monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
     argv = [
         "cluster",
         str(tmp_path),

@@ -134,7 +134,7 @@ def test_search_cli_text_image_and_rerank(index, capsys):
     _, out = index
     assert run(["search", str(out), "a red circle", "-k", "3", "--rerank", "5"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["rank"] for r in rows] == [1, 2, 3] and all("itm" in r for r in rows)
+    assert [r["rank"] for r in rows] == [1, 2, 3] and all("itm_prob" in r for r in rows)
     some_image = ImageIndex.load(out).paths[2]
     assert run(["search", str(out), "--image", some_image, "-k", "2", "--backend", "exact"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

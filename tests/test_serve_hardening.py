@@ -26,6 +26,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
+from live_server import live  # noqa: E402
 
 import blipkit  # noqa: E402
 from blipkit.serve import create_app  # noqa: E402
@@ -159,27 +160,6 @@ def origin():
     yield server
     server.shutdown()
     server.server_close()
-
-
-@contextlib.contextmanager
-def live(app) -> Iterator[str]:
-    """Base URL of ``app`` served by uvicorn on a free port of 127.0.0.1, in a thread; logs go to caplog."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def neutral(error: dict | APIError, status: int | None = None) -> bool:

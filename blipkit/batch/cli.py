@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from blipkit.batch.files import missing_paths
+from blipkit.batch.files import iter_images, missing_paths
 from blipkit.batch.job import Job, default_workers
 from blipkit.batch.writers import FORMATS, open_sink
 from blipkit.errors import EXIT_USAGE, UsageError
@@ -29,14 +29,17 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
         "--format",
         default=None,
         choices=FORMATS,
-        help="jsonl (default), csv, parquet, or txt: a <image-stem>.txt next to each image "
+        help="jsonl, csv, parquet, or txt: a <image-stem>.txt next to each image "
         "(failures then go to --out as JSONL, or stdout); of images sharing a stem (a.jpg, a.png) "
-        "only the first by name gets one, the others an error row",
+        "only the first by name gets one, the others an error row "
+        "(default: from the --out suffix, .jsonl .csv .parquet; jsonl on stdout)",
     )
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="images per model batch (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens (default 30)")
+    p.add_argument(
+        "--num-beams", type=int, default=1, help="beam search width; 1 is greedy decoding (default 1)"
+    )
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming --out")
     p.add_argument(
         "--engine", default="local", choices=["local", "ray"], help="local, or Ray Data (many machines)"
@@ -58,11 +61,21 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.set_defaults(func=cmd_caption)
 
 
+SUFFIXES = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
 def _format(args: argparse.Namespace) -> str:
+    """``--format``, or the format ``--out``'s suffix names (JSONL on stdout)."""
     if args.format:
         return args.format
-    ext = os.path.splitext(args.out or "")[1].lower().lstrip(".")
-    return ext if ext in ("csv", "parquet") else "jsonl"
+    if args.out is None:
+        return "jsonl"
+    suffix = os.path.splitext(args.out)[1].lower()
+    if suffix not in SUFFIXES:
+        raise UsageError(
+            f"cannot tell the format of --out {args.out}: use a {', '.join(SUFFIXES)} suffix or give --format"
+        )
+    return SUFFIXES[suffix]
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
@@ -96,6 +109,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"blipkit: error: no such file or folder: {missing[0]}", file=sys.stderr)
         return EXIT_USAGE
     job = job_from_args(args)
+    if next(iter_images(job.paths, job.recursive), None) is None:
+        raise UsageError("no images found in " + " ".join(job.paths))
     sink = open_sink(job.format, job.out, job.overwrite)
     try:
         if args.engine == "ray":

@@ -23,13 +23,16 @@ def register(subparsers, add_model_args) -> None:
 
     p = sub.add_parser("vqa-model", help="answer a VQA dataset with a model and score the answers")
     p.add_argument(
-        "--dataset", default="easy-vqa", help="'easy-vqa' or a VQA JSONL file (image, question, answer)"
+        "--dataset",
+        default="easy-vqa",
+        help="'easy-vqa' or a VQA JSONL file (image, question, answer) (default easy-vqa)",
     )
-    p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split (default test)")
     p.add_argument("--image-root", default=None, help="folder that relative image paths start from")
     p.add_argument("--limit", type=int, default=0, help="a fixed random subset of N questions (seed 0)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="questions per model batch (default 32)")
     p.add_argument("--out", default=None, help="report JSON (.md and .predictions.jsonl beside it)")
+    _progress_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_vqa_model)
 
@@ -42,16 +45,31 @@ def register(subparsers, add_model_args) -> None:
 
     p = sub.add_parser("retrieval", help="Recall@1/5/10 image<->text, ITC alone and with ITM re-ranking")
     p.add_argument("--pairs", default=None, help="captions JSONL/CSV (image, caption); default: easy-VQA")
-    p.add_argument("--dataset", default="easy-vqa", help="used when --pairs is not given")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split")
-    p.add_argument("--image-root", default=None)
-    p.add_argument("--limit", type=int, default=0, help="use the first N pairs")
+    p.add_argument("--dataset", default="easy-vqa", help="used when --pairs is not given (default easy-vqa)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split (default test)")
+    p.add_argument("--image-root", default=None, help="folder that relative image paths start from")
+    p.add_argument("--limit", type=int, default=0, help="use the first N pairs (default 0: all)")
     p.add_argument(
-        "--rerank", type=int, default=16, metavar="K", help="ITM re-ranks the K best (0: ITC only)"
+        "--rerank",
+        type=int,
+        default=16,
+        metavar="K",
+        help="ITM re-ranks the K best (0: ITC only; default 16)",
     )
     p.add_argument("--out", default=None, help="report JSON (a .md report is written beside it)")
+    _progress_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_retrieval)
+
+
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress", action="store_true", help="show the progress bar even when not on a terminal"
+    )
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return args.progress or sys.stderr.isatty()
 
 
 def _finish(args: argparse.Namespace, report: dict, markdown: str) -> int:
@@ -93,7 +111,9 @@ def cmd_vqa_model(args: argparse.Namespace) -> int:
     if examples and not hasattr(examples[0], "question"):
         raise UsageError(f"{args.dataset} has no questions (a captions file?)")
     model = load_model(args)
-    report, rows = evaluate_vqa_model(model, examples, args.limit, args.batch_size)
+    report, rows = evaluate_vqa_model(
+        model, examples, args.limit, args.batch_size, progress=_show_progress(args)
+    )
     report = {"model": args.model, "dataset": args.dataset, "split": args.split, "limit": args.limit} | report
     if args.out:
         preds = Path(args.out).with_suffix(".predictions.jsonl")
@@ -138,12 +158,32 @@ def _pairs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return [e.image for e in examples], [e.caption for e in examples]
 
 
+def _image_features(model, images: list[str], progress: bool):
+    """``recall.image_features`` of ``images``, a batch at a time under a tqdm bar on stderr."""
+    import torch
+    from tqdm import tqdm
+
+    from blipkit.eval.recall import image_features
+
+    queries, vision = [], []
+    with tqdm(total=len(images), unit="img", desc="retrieval", file=sys.stderr, disable=not progress) as bar:
+        for i in range(0, len(images), model.batch_size):
+            q, v = image_features(model, images[i : i + model.batch_size])
+            queries.append(q)
+            vision.append(v)
+            bar.update(len(q))
+    return torch.cat(queries), torch.cat(vision)
+
+
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from blipkit.eval.markdown import retrieval_markdown
     from blipkit.eval.recall import group_pairs, retrieval_eval
 
     images, texts, relevant = group_pairs(*_pairs(args))
+    if not images:
+        raise UsageError("no image-caption pairs to evaluate")
     model = load_model(args)
-    report = retrieval_eval(model, images, texts, relevant, rerank=args.rerank)
+    features = _image_features(model, images, _show_progress(args))
+    report = retrieval_eval(model, images, texts, relevant, rerank=args.rerank, features=features)
     report = {"model": args.model, "dataset": args.pairs or f"{args.dataset}:{args.split}"} | report
     return _finish(args, report, retrieval_markdown(report))

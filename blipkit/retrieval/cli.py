@@ -20,20 +20,34 @@ def register(subparsers, add_model_args) -> None:
     p.add_argument("paths", nargs="+", metavar="FOLDER", help="image folders or files")
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder (an existing one is extended)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default 32)")
     p.add_argument("--overwrite", action="store_true", help="rebuild instead of extending --out")
+    p.add_argument(
+        "--progress", action="store_true", help="show the progress bar even when not on a terminal"
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_index)
 
     p = subparsers.add_parser(
         "search", help="search an index by text (ITC, optional ITM re-ranking) or image"
     )
-    p.add_argument("index", metavar="INDEX")
+    p.add_argument("index", metavar="INDEX", help="index folder written by 'blipkit index'")
     p.add_argument("text", nargs="?", default=None, help="text query")
     p.add_argument("--image", default=None, help="search by this example image instead of a text")
     p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
-    p.add_argument("--rerank", type=int, default=0, metavar="K", help="re-rank the K best by ITM (text only)")
-    p.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"])
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="re-rank the K best by ITM + ITC, printing itm_prob (text only; default 0: off)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "exact", "faiss"],
+        help="exact (torch) or faiss; auto picks faiss for large indexes when installed (default auto)",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_search, model=None)  # default: the model the index was built with
 
@@ -45,13 +59,13 @@ def register(subparsers, add_model_args) -> None:
         default=None,
         help="label template, e.g. 'a photo of {}' (default: the model's prompts.classify)",
     )
-    p.add_argument("--recursive", action="store_true")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model batch (default 16)")
     _finish(p, add_model_args, cmd_classify)
 
     p = subparsers.add_parser("similarity", help="image x text similarity matrix, optionally drawn")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-    p.add_argument("--texts", nargs="+", required=True)
+    p.add_argument("--texts", nargs="+", required=True, help="texts to score against each image")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the matrix as a heatmap")
     p.add_argument("--itm", action="store_true", help="ITM match probabilities instead of ITC cosine")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -63,10 +77,12 @@ def register(subparsers, add_model_args) -> None:
     )
     p.add_argument("paths", nargs="*", metavar="FOLDER", help="image folders or files")
     p.add_argument("-k", type=int, required=True, help="number of clusters")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for assignments.csv and the contact sheets"
+    )
     p.add_argument("--index", default=None, help="cluster the images of this index (no model run)")
-    p.add_argument("--recursive", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
     _finish(p, add_model_args, cmd_cluster)
 
 
@@ -75,8 +91,22 @@ def _finish(p: argparse.ArgumentParser, add_model_args, func) -> None:
     p.set_defaults(func=func)
 
 
-def _progress(done: int, total: int) -> None:
-    print(f"\rembedded {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+class _Bar:
+    """``on_batch(done, total)`` drawing a tqdm bar on stderr, when ``enabled``."""
+
+    def __init__(self, desc: str, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=None, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True, disable=not enabled
+        )
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -87,9 +117,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("no images found in " + " ".join(args.paths))
     with index_lock(args.out):  # before the model loads: a second run stops at once
         model = load_model(args)
-        result = build_index(
-            model, files, args.out, args.model, args.batch_size, args.overwrite, _progress, lock=False
-        )
+        bar = _Bar("index", args.progress or sys.stderr.isatty())
+        try:
+            result = build_index(
+                model, files, args.out, args.model, args.batch_size, args.overwrite, bar, lock=False
+            )
+        finally:
+            bar.close()
     for path, reason in result.failed:
         print(json.dumps({"path": path, "error": reason}), file=sys.stderr)
     print(
@@ -134,6 +168,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from blipkit.retrieval.zero_shot import classify_files, parse_labels
 
     labels = parse_labels(args.labels)
+    if len(labels) < 2:
+        raise UsageError(
+            f"--labels has one label ({labels[0]!r}); zero-shot classification needs at least two, "
+            "e.g. --labels 'a cat,a dog'"
+        )
     files = list(iter_images(args.images, args.recursive))
     if not files:
         raise UsageError("no images found")

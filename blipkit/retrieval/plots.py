@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from blipkit.extras import require
 
@@ -15,8 +15,9 @@ __all__ = ["contact_sheet", "similarity_heatmap"]
 
 def similarity_heatmap(
     images: Sequence, texts: Sequence[str], sims, out: str | os.PathLike, title: str | None = None
-) -> None:
-    """Texts down the side, image thumbnails along the top, the (N_img, N_txt) scores in the cells."""
+):
+    """Images down the side (name and thumbnail), texts along the top, the (N_img, N_txt) scores in the
+    cells, as ``similarity`` prints them; returns the heatmap's Axes (its figure is closed)."""
     matplotlib = require("matplotlib", "a similarity plot (--plot)", "eval")
 
     matplotlib.use("Agg")
@@ -25,28 +26,38 @@ def similarity_heatmap(
 
     from blipkit.processing import load_image
 
-    values = np.asarray(sims, dtype=float).T  # (T, N)
-    n_txt, n_img = values.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * n_img + 3.0), max(3.0, 0.6 * n_txt + 2.0)))
+    values = np.asarray(sims, dtype=float)  # (N, T)
+    n_img, n_txt = values.shape
+    columns = [_cut(t, 40) for t in texts]
+    label_in = 0.07 * max(len(c) for c in columns) * 0.6  # the slanted text labels above the cells
+    fig, ax = plt.subplots(figsize=(1.0 * (n_txt + 1) + 2.5, 1.0 * n_img + 1.0 + label_in))
     shown = ax.imshow(values, cmap="viridis", aspect="equal", vmin=values.min(), vmax=values.max())
     for i, item in enumerate(images):
-        ax.imshow(_square_thumb(load_image(item), 128), extent=(i - 0.5, i + 0.5, -0.6, -1.6))
+        ax.imshow(_square_thumb(load_image(item), 128), extent=(-1.6, -0.6, i + 0.5, i - 0.5))
     middle = (values.max() + values.min()) / 2
-    for t in range(n_txt):
-        for i in range(n_img):
-            color = "black" if values[t, i] > middle else "white"
-            ax.text(i, t, f"{values[t, i]:.2f}", ha="center", va="center", fontsize=9, color=color)
-    ax.set_yticks(range(n_txt), [s if len(s) <= 40 else s[:37] + "..." for s in texts])
-    ax.set_xticks([])
-    ax.set_xlim(-0.5, n_img - 0.5)
-    ax.set_ylim(n_txt - 0.5, -1.6)
+    for i in range(n_img):
+        for t in range(n_txt):
+            color = "black" if values[i, t] > middle else "white"
+            ax.text(t, i, f"{values[i, t]:.2f}", ha="center", va="center", fontsize=9, color=color)
+    ax.xaxis.tick_top()
+    ax.set_xticks(range(n_txt), columns, rotation=35, ha="left", rotation_mode="anchor")
+    names = [_cut(os.path.basename(str(x)), 24) if isinstance(x, (str, os.PathLike)) else "" for x in images]
+    ax.set_yticks(range(n_img), names)
+    ax.tick_params(length=0)
+    ax.set_xlim(-1.6, n_txt - 0.5)
+    ax.set_ylim(n_img - 0.5, -0.5)
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
-    fig.colorbar(shown, ax=ax, fraction=0.03, pad=0.02)
+    fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02, shrink=min(1.0, 0.3 + 0.2 * n_img))
     ax.set_title(title or "Image-text similarity (ITC)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
+    return ax
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending with an ellipsis when it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _square_thumb(image: Image.Image, size: int) -> Image.Image:
@@ -77,5 +88,15 @@ def contact_sheet(
         except ImageError:
             draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), outline="red")
         if labels:
-            draw.text((x, y + thumb + 1), str(labels[n])[: thumb // 6], fill="black")
+            draw.text((x, y + thumb + 1), _fit(draw, str(labels[n]), thumb), fill="black")
     sheet.save(out)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """``text`` cut to ``width`` pixels in ``draw``'s font, ending with an ellipsis when it was cut."""
+    ellipsis = "\u2026" if isinstance(draw.getfont(), ImageFont.FreeTypeFont) else "..."
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + ellipsis) > width:
+        text = text[:-1]
+    return text + ellipsis

@@ -18,7 +18,15 @@ from blipkit.errors import UsageError
 from blipkit.extras import require
 from blipkit.retrieval.index import ImageIndex
 
-__all__ = ["FAISS_MIN_VECTORS", "Hit", "Searcher", "faiss_available", "itm_logits", "rerank"]
+__all__ = [
+    "FAISS_MIN_VECTORS",
+    "Hit",
+    "Searcher",
+    "faiss_available",
+    "itm_logits",
+    "itm_pair_logits",
+    "rerank",
+]
 
 FAISS_MIN_VECTORS = 200_000  # below this many query vectors exact search in torch is as fast
 
@@ -34,10 +42,11 @@ class Hit:
     score: float  # the final ranking score
     itc: float
     itm: float | None = None  # ITM "match" logit, when re-ranked
+    itm_prob: float | None = None  # ITM match probability (softmax of the two ITM logits), when re-ranked
 
     def to_dict(self, rank: int) -> dict:
         row = {"rank": rank, "path": self.path, "score": round(self.score, 6), "itc": round(self.itc, 6)}
-        return row if self.itm is None else row | {"itm": round(self.itm, 6)}
+        return row if self.itm_prob is None else row | {"itm_prob": round(self.itm_prob, 6)}
 
 
 class Searcher:
@@ -107,27 +116,35 @@ class Searcher:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def itm_logits(model, image_feats: Tensor, texts: list[str], batch_size: int = 64) -> Tensor:
     """ITM "match" logits (B,) of image i with text i; ``image_feats`` (B, P, Dv) from ``encode_image``."""
+    return itm_pair_logits(model, image_feats, texts, batch_size)[:, 1]
+
+
+@torch.inference_mode()
+def itm_pair_logits(model, image_feats: Tensor, texts: list[str], batch_size: int = 64) -> Tensor:
+    """Both ITM logits (B, 2), (no match, match), of image i with text i."""
     if len(texts) != len(image_feats):
         raise ValueError(f"{len(image_feats)} images but {len(texts)} texts")
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = (t.to(model.device) for t in model.text.qformer_batch(texts[i : i + batch_size]))
         feats = image_feats[i : i + batch_size].to(model.device)
-        out.append(model.model.qformer.itm_logits(feats, ids, mask)[:, 1].float().cpu())  # (b,)
-    return torch.cat(out) if out else torch.zeros(0)
+        out.append(model.model.qformer.itm_logits(feats, ids, mask).float().cpu())  # (b, 2)
+    return torch.cat(out) if out else torch.zeros(0, 2)
 
 
 @torch.inference_mode()
 def rerank(model, hits: list[Hit], text: str, top: int) -> list[Hit]:
-    """Re-rank the first ``top`` hits by ITM logit + ITC score (BLIP-2 / LAVIS), the rest keep ITC order."""
+    """Re-rank the first ``top`` hits by ITM logit + ITC score (BLIP-2 / LAVIS), the rest keep ITC order.
+
+    Each re-ranked hit also gets ``itm_prob``, the match probability ``Model.match`` gives."""
     head, tail = hits[:top], hits[top:]
     if not head:
         return hits
     feats = model.image_features([h.path for h in head])  # (K, P, Dv)
-    logits = itm_logits(model, feats, [text] * len(head))
-    for hit, logit in zip(head, logits.tolist(), strict=True):
-        hit.itm, hit.score = logit, logit + hit.itc
+    logits = itm_pair_logits(model, feats, [text] * len(head))  # (K, 2)
+    probs = logits.softmax(dim=-1)[:, 1]
+    for hit, logit, prob in zip(head, logits[:, 1].tolist(), probs.tolist(), strict=True):
+        hit.itm, hit.itm_prob, hit.score = logit, prob, logit + hit.itc
     return sorted(head, key=lambda h: -h.score) + tail

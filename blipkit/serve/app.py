@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import threading
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -284,23 +286,39 @@ def create_app(
             raise APIError(
                 f"at most {MAX_EMBEDDING_INPUTS} inputs per request", 400, "too_many_inputs", "input"
             )
-        if body.get("encoding_format", "float") != "float":
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
             raise APIError(
-                "only encoding_format 'float' is supported", 400, "invalid_value", "encoding_format"
+                "encoding_format must be 'float' or 'base64'", 400, "invalid_value", "encoding_format"
             )
+        dims = body.get("dimensions")
+        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
+            raise APIError("'dimensions' must be a positive integer", 400, "invalid_value", "dimensions")
 
-        def embed() -> list[list[float]]:
+        def embed() -> Any:
             with srv.lock:
-                return model.embed_texts(texts).tolist()
+                return model.embed_texts(texts).float().cpu()
 
         try:
             vectors = await asyncio.to_thread(embed)
         except CapabilityError as e:
             raise APIError(str(e), 400, "unsupported_by_model", "model") from e
+        if dims is not None:
+            if dims > vectors.shape[-1]:
+                raise APIError(
+                    f"'dimensions' must be at most {vectors.shape[-1]} for this model",
+                    400,
+                    "invalid_value",
+                    "dimensions",
+                )
+            vectors = torch.nn.functional.normalize(vectors[:, :dims], dim=-1)
         tokens = sum(len(t.split()) for t in texts)
         return {
             "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode_embedding(v, encoding)}
+                for i, v in enumerate(vectors)
+            ],
             "model": srv.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
@@ -353,6 +371,13 @@ def create_app(
             job.cancelled = True
 
     return app
+
+
+def _encode_embedding(vector: Any, encoding: str) -> list[float] | str:
+    """A float32 vector as a list of floats, or as base64 of its little-endian float32 bytes."""
+    if encoding == "float":
+        return vector.tolist()
+    return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
 
 
 def _completion(meta: dict[str, Any], result: Result) -> dict[str, Any]:

@@ -53,7 +53,10 @@ def register(subparsers: argparse._SubParsersAction, add_model_args: Callable) -
         "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument(
-        "--port", type=_checked("--port", int, lambda v: 1 <= v <= 65535, "between 1 and 65535"), default=8000
+        "--port",
+        type=_checked("--port", int, lambda v: 1 <= v <= 65535, "between 1 and 65535"),
+        default=8000,
+        help="port to listen on (default 8000)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* requests")
     p.add_argument(

@@ -21,7 +21,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         description="Settings: the TrainConfig defaults, overridden by --config, then by --key=value. Keys: "
         + ", ".join(TrainConfig.__dataclass_fields__),
     )
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument(
+        "stage", choices=STAGES, help="stage1: ITC + ITM + ITG; stage2: the LM loss through the LLM"
+    )
     parser.add_argument("--config", help="JSON file of TrainConfig keys")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, losses.csv, losses.png)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
