@@ -91,6 +91,11 @@ def _extract_once(name: str, what: str, build: Callable[[Path], None], seconds: 
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cached copy is meant to be readable
         build(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.rglob("*"):  # some writers create their files private (0600) as well
+            if file.is_file():
+                os.chmod(file, 0o644 & ~umask)
         try:
             os.rename(tmp, final)
         except OSError:

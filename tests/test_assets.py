@@ -128,9 +128,12 @@ def test_extract_once_prints_progress_and_caches(tmp_path, monkeypatch, capsys):
     def build(out: Path) -> None:
         calls.append(out)
         (out / "config.json").write_text("{}")
+        (out / "weights.bin").write_bytes(b"x")
+        os.chmod(out / "weights.bin", 0o600)  # as some writers leave their files
 
     first = assets._extract_once("thing", "a thing", build, seconds=1)
     assert first == tmp_path / "thing" and (first / "config.json").is_file()
+    assert (first / "weights.bin").stat().st_mode & 0o044 == 0o044  # readable by others, as the folder
     assert "blipkit: extracting a thing into" in capsys.readouterr().err
     assert assets._extract_once("thing", "a thing", build, seconds=1) == first
     assert len(calls) == 1 and capsys.readouterr().err == ""
