@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import blipkit
+from blipkit import cli
 from blipkit.cli_options import add_model_args
 from blipkit.eval import cli as eval_cli
 from blipkit.eval.recall import group_pairs, recall_at_k, rerank_scores, retrieval_eval
@@ -93,3 +94,25 @@ def test_eval_retrieval_cli(retrieval_dir, pairs, tmp_path, capsys):
     assert (report["images"], report["texts"]) == (5, 3)
     assert set(report["itc+itm"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
     assert "| itc+itm | text to image |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("relevance", ["attribute", "caption"])
+def test_eval_retrieval_on_easy_vqa_names_its_relevance(retrieval_dir, tmp_path, relevance):
+    """The command and ``bench/retrieval_goals.py`` judge easy-VQA the same way by default (by attribute)."""
+    from blipkit.data import easy_vqa
+
+    out = tmp_path / "r.json"
+    argv = ["eval", "retrieval", "--model", str(retrieval_dir), "--limit", "6", "--rerank", "3"]
+    assert cli.main([*argv, "--relevance", relevance, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["relevance"] == relevance
+    if relevance == "attribute":
+        images, texts, relevant, _ = easy_vqa.retrieval_set("test", 6)
+        expected = retrieval_eval(
+            blipkit.load(retrieval_dir), images, texts, torch.tensor(relevant), rerank=3
+        )
+        assert (report["images"], report["texts"]) == (6, 35)
+        assert report["itc"] == expected["itc"] and report["itc+itm"] == expected["itc+itm"]
+    else:
+        captions = {e.caption for e in easy_vqa.caption_examples("test")[:6]}
+        assert report["texts"] == len(captions)

@@ -48,7 +48,17 @@ def register(subparsers, add_model_args) -> None:
     p.add_argument("--dataset", default="easy-vqa", help="used when --pairs is not given (default easy-vqa)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split (default test)")
     p.add_argument("--image-root", default=None, help="folder that relative image paths start from")
-    p.add_argument("--limit", type=int, default=0, help="use the first N pairs (default 0: all)")
+    p.add_argument(
+        "--limit", type=int, default=0, help="use the first N pairs (easy-VQA: N images) (default 0: all)"
+    )
+    p.add_argument(
+        "--relevance",
+        default="attribute",
+        choices=["attribute", "caption"],
+        help="easy-VQA: 'attribute' (default): the grammar's 35 captions against the images whose colour and "
+        "shape are known, a caption relevant to every image it fits ('a red shape': all red images); "
+        "'caption': each image's derived caption, relevant to the images with that same string",
+    )
     p.add_argument(
         "--rerank",
         type=int,
@@ -179,11 +189,21 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     from blipkit.eval.markdown import retrieval_markdown
     from blipkit.eval.recall import group_pairs, retrieval_eval
 
-    images, texts, relevant = group_pairs(*_pairs(args))
+    if args.pairs is None and args.dataset == "easy-vqa" and args.relevance == "attribute":
+        import torch
+
+        from blipkit.data import easy_vqa
+
+        images, texts, relevant, _ = easy_vqa.retrieval_set(args.split, args.limit or None)
+        relevant = torch.tensor(relevant)
+    else:
+        images, texts, relevant = group_pairs(*_pairs(args))
     if not images:
         raise UsageError("no image-caption pairs to evaluate")
     model = load_model(args)
     features = _image_features(model, images, _show_progress(args))
     report = retrieval_eval(model, images, texts, relevant, rerank=args.rerank, features=features)
-    report = {"model": args.model, "dataset": args.pairs or f"{args.dataset}:{args.split}"} | report
+    dataset = args.pairs or f"{args.dataset}:{args.split}"
+    relevance = "caption" if args.pairs else args.relevance
+    report = {"model": args.model, "dataset": dataset, "relevance": relevance} | report
     return _finish(args, report, retrieval_markdown(report))

@@ -41,7 +41,7 @@ def caption_markdown(report: dict) -> str:
 
 
 def retrieval_markdown(report: dict) -> str:
-    md = "# Image-text retrieval\n\n" + _facts(report, ("model", "dataset", "images", "texts"))
+    md = "# Image-text retrieval\n\n" + _facts(report, ("model", "dataset", "relevance", "images", "texts"))
     ks = list(report["itc"]["text_to_image"])
     rows = []
     for method in ("itc", "itc+itm"):
