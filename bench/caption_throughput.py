@@ -179,9 +179,9 @@ def default_model_runs(files: list[Path], batch_size: int, max_new_tokens: int, 
     def generic():
         out = []
         for i in range(0, len(files), batch_size):
-            out.extend(
-                model.caption([str(f) for f in files[i : i + batch_size]], max_new_tokens=max_new_tokens)
-            )
+            chunk = [str(f) for f in files[i : i + batch_size]]
+            # any generate option sends decoding through transformers' loop; use_cache=True changes nothing
+            out.extend(model.caption(chunk, max_new_tokens=max_new_tokens, use_cache=True))
         return out
 
     def engine():

@@ -170,8 +170,7 @@ def bench_blipkit(
     times, answers = [], []
     for question in questions:
         start = time.perf_counter()
-        text, ids = engine.prompt([], question, tokens)
-        answers.append(engine.run(image, key, ids, text, max_tokens=tokens).text)
+        answers.append(engine.run(image, key, engine.prompt([], question, tokens), max_tokens=tokens).text)
         times.append(time.perf_counter() - start)
     return times, answers
 
