@@ -6,12 +6,10 @@ import asyncio
 import base64
 import io
 import shutil
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
+from live_server import live
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -56,21 +54,8 @@ def model(opt_dir):
 @pytest.fixture(scope="module")
 def server(model):
     """Base URL of a uvicorn server on a free port of 127.0.0.1, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(model, model_name="tiny", max_batch_size=16, batch_window_ms=20)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with live(create_app(model, model_name="tiny", max_batch_size=16, batch_window_ms=20)) as url:
+        yield url
 
 
 def test_100_concurrent_requests_are_all_answered(server):
