@@ -25,7 +25,7 @@ class LLMInputs:
     """The LLM's input sequence: [visual prompt; text] embeddings with their mask and position ids.
 
     ``prefix_len`` is the number of visual prompt positions at the front of every row (before any left
-    packing), ``text_len`` the number of text columns after them.
+    packing).
     """
 
     embeds: Tensor  # (B, L, D)
@@ -33,10 +33,6 @@ class LLMInputs:
     position_ids: Tensor  # (B, L)
     prefix_len: int  # Q
     packed: bool = False  # padding moved to the front (decoder-only generation)
-
-    @property
-    def text_len(self) -> int:
-        return self.embeds.shape[1] - self.prefix_len
 
     def left_packed(self) -> LLMInputs:
         """The same rows with their padding moved to the front, keeping the order of real tokens."""
