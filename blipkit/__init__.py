@@ -35,11 +35,17 @@ def load(
     device: str | None = None,
     batch_size: int = 16,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Model:
-    """Load ``"default"`` (the embedded offline model), a transformers BLIP-2 dir or a blipkit checkpoint.
+    """Load a model by name (``"default"``: the embedded offline model), directory or Hugging Face hub id.
 
-    ``trust_remote_code=True`` lets referenced transformers dirs run the Python code they ship; only for
+    Directories: transformers BLIP-2 / InstructBLIP / LLaVA / CLIP / SigLIP ``save_pretrained`` dirs, the
+    original LLaVA repo's layout, or blipkit checkpoints. Hub ids (``Salesforce/blip2-opt-2.7b``) come from
+    the Hugging Face cache, or are downloaded where the hub can be reached; ``revision`` picks a branch, tag
+    or commit. ``trust_remote_code=True`` lets transformers dirs run the Python code they ship; only for
     checkpoints you trust (without it such a dir is a ``CheckpointError``).
     """
-    loaded = load_checkpoint(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_checkpoint(
+        name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, revision=revision
+    )
     return Model(loaded, batch_size=batch_size)

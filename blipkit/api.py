@@ -10,8 +10,9 @@ from torch import Tensor
 
 from blipkit.errors import UsageError
 from blipkit.loading import Loaded
-from blipkit.models.blip2 import Blip2, Visual
+from blipkit.models.blip2 import Visual
 from blipkit.models.decoding import Decoder, OnToken, Sampling
+from blipkit.models.family import capabilities, require
 from blipkit.processing import ImageInput, as_image_list
 from blipkit.text import Prompt, fill
 
@@ -22,7 +23,7 @@ class Model:
     """A loaded vision-language model with its text processor and image processor."""
 
     def __init__(self, loaded: Loaded, batch_size: int = 16):
-        self.model: Blip2 = loaded.model
+        self.model: Any = loaded.model  # a family model: Blip2, Llava or DualEncoder
         self.text = loaded.text
         self.processor = loaded.processor
         self.path = loaded.path
@@ -45,7 +46,21 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.model.qformer.query_tokens.device
+        return next(self.model.parameters()).device
+
+    @property
+    def family(self) -> str:
+        """``blip2`` (BLIP-2, InstructBLIP), ``llava`` or ``clip`` (CLIP, SigLIP)."""
+        return getattr(self.config, "family", "blip2")
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What this model can do, among caption, ask, chat, embed and match."""
+        return capabilities(self.model)
+
+    def require(self, capability: str) -> None:
+        """``CapabilityError`` naming what the model can do when it cannot do ``capability``."""
+        require(self.model, capability, f"model {self.config.name!r}")
 
     @property
     def decoder(self) -> Decoder:
@@ -57,7 +72,7 @@ class Model:
 
     def require_llm(self) -> None:
         """Raise CapabilityError when the model cannot generate text."""
-        self.model.require_llm()
+        self.require("caption")
         self.text.require_llm()
 
     # --- inputs ---------------------------------------------------------------------------------------------
@@ -79,7 +94,7 @@ class Model:
         """The image side of a generation: pixels (or the given ``Visual``) plus, for question-aware models,
         the Q-Former's reading of ``qformer_texts``."""
         visual = images if isinstance(images, Visual) else Visual(self.pixel_values(images))
-        if self.model.question_aware and qformer_texts is not None:
+        if getattr(self.model, "question_aware", False) and qformer_texts is not None:
             ids, mask = self.text.qformer_batch(qformer_texts)
             visual = Visual(
                 visual.pixel_values, visual.image_embeds, visual.prefix, *map(self._to_device, (ids, mask))
@@ -176,12 +191,12 @@ class Model:
 
     @torch.inference_mode()
     def image_query_embeddings(self, images: Images | Tensor) -> Tensor:
-        """Per-query ITC embeddings (N, Q, E), L2-normalised."""
-        self.text.require_qformer()
-        return torch.cat([self.model.qformer.image_features(f) for f in self._image_batches(images)]).float()
+        """Image embeddings (N, K, E), L2-normalised: one per query (BLIP-2's ITC); K = 1 (dual encoders)."""
+        self.require("embed")
+        return torch.cat([self.model.image_embeddings(f) for f in self._image_batches(images)]).float()
 
     def embed_images(self, images: Images | Tensor) -> Tensor:
-        """One ITC embedding per image (N, E): the normalised mean of its query embeddings.
+        """One embedding per image (N, E): for BLIP-2 the normalised mean of its query embeddings.
 
         ``similarity`` uses the exact BLIP-2 score (max over queries); this single vector is for indexes and
         clustering.
@@ -190,39 +205,40 @@ class Model:
 
     @torch.inference_mode()
     def embed_texts(self, texts: str | Sequence[str]) -> Tensor:
-        """ITC text embeddings (N, E), L2-normalised."""
+        """Text embeddings (N, E) in the images' space, L2-normalised."""
+        self.require("embed")
         texts = [texts] if isinstance(texts, str) else list(texts)
         parts = []
         for i in range(0, len(texts), self.batch_size):
             ids, mask = map(self._to_device, self.text.qformer_batch(texts[i : i + self.batch_size]))
-            parts.append(self.model.qformer.text_features(ids, mask))
+            parts.append(self.model.text_embeddings(ids, mask))
         return torch.cat(parts).float()
 
     def similarity(self, images: Images | Tensor, texts: str | Sequence[str]) -> Tensor:
-        """ITC cosine similarity (N_img, N_txt): for each pair, the max over the image's queries."""
+        """Cosine similarity (N_img, N_txt); BLIP-2: for each pair, the max over the image's queries (ITC)."""
         img = self.image_query_embeddings(images)  # (N, Q, E)
         txt = self.embed_texts(texts)  # (M, E)
         return torch.einsum("nqe,me->nqm", img, txt).amax(dim=1)
 
     @torch.inference_mode()
     def match(self, images: Images | Tensor, texts: str | Sequence[str]) -> Tensor:
-        """ITM probability (N_img, N_txt) that the text matches the image."""
+        """Probability (N_img, N_txt) that the text matches the image: BLIP-2's ITM head, SigLIP's sigmoid."""
+        self.require("match")
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids, mask = map(self._to_device, self.text.qformer_batch(texts))  # (M, T)
         rows = []
         for feats in self._image_batches(images):  # (b, P, Dv)
             b, M = feats.shape[0], ids.shape[0]
             pair_feats = feats.repeat_interleave(M, dim=0)  # (b*M, P, Dv)
-            logits = self.model.qformer.itm_logits(
-                pair_feats, ids.repeat(b, 1), mask.repeat(b, 1)
-            )  # (b*M, 2)
-            rows.append(logits.softmax(dim=-1)[:, 1].view(b, M))
+            probs = self.model.match_probs(pair_feats, ids.repeat(b, 1), mask.repeat(b, 1))  # (b*M,)
+            rows.append(probs.view(b, M))
         return torch.cat(rows).float()
 
     def classify(
         self, images: Images | Tensor, labels: Sequence[str], template: str | None = None
     ) -> list[dict[str, float]]:
-        """Zero-shot classification: softmax over labels of ITC similarity / temperature.
+        """Zero-shot classification with the model's own scoring: BLIP-2 and CLIP a softmax over the labels of
+        the scaled similarity (probabilities sum to 1); SigLIP a sigmoid per label (each on its own).
 
         ``template`` (e.g. "a photo of {}") wraps each label; default: the model's ``prompts.classify``."""
         labels = list(labels)
@@ -230,7 +246,7 @@ class Model:
         if not labels:
             raise UsageError("classify needs at least one label")
         sims = self.similarity(images, [fill(template, label) for label in labels])
-        probs = (sims / self.model.qformer.temp.detach().float().clamp(min=1e-3)).softmax(dim=-1)
+        probs = self.model.label_probs(sims)
         return [dict(zip(labels, map(float, row), strict=True)) for row in probs]
 
 

@@ -7,6 +7,7 @@ environment problem or a crash.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 
@@ -27,6 +28,10 @@ def register(sub: argparse._SubParsersAction, add_model_args=add_model_args) -> 
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the model's)")
     add_model_args(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("models", help="the models blipkit loads by name, the families and what each can do")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("chat", help="chat about an image; one turn per line on stdin")
     p.add_argument("image", help="the image the conversation is about")
@@ -64,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_ask(args: argparse.Namespace) -> int:
     model = load_model(args)
     print(model.ask(args.image, args.question, max_new_tokens=args.max_new_tokens))
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from blipkit.config import describe_models
+    from blipkit.models.family import FAMILIES
+
+    named = describe_models()
+    if args.json:
+        print(json.dumps({"models": named, "families": FAMILIES}, indent=2))
+        return EXIT_OK
+    print("models by name (blipkit.load(NAME), --model NAME):")
+    for m in named:
+        print(f"  {m['name']:<16} {m['family']:<7} {', '.join(m['capabilities'])}")
+    print("\nfamilies (a directory or a Hugging Face hub id in any of these formats):")
+    for name, fam in FAMILIES.items():
+        print(f"  {name:<7} {fam['models']}: {', '.join(fam['capabilities'])}")
+        for fmt in fam["formats"]:
+            print(f"            - {fmt}")
     return EXIT_OK
 
 

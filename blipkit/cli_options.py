@@ -9,12 +9,15 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype``, ``--device`` and ``--trust-remote-code``."""
+    """``--model``, ``--revision``, ``--dtype``, ``--device`` and ``--trust-remote-code``."""
     p.add_argument(
         "--model",
         default="default",
-        help="'default' (embedded), a transformers BLIP-2 dir or a blipkit checkpoint dir (default: default)",
+        help="a model name ('default': embedded; see `blipkit models`), a checkpoint dir (transformers "
+        "BLIP-2/InstructBLIP/LLaVA/CLIP/SigLIP, original LLaVA, blipkit) or a Hugging Face hub id such as "
+        "Salesforce/blip2-opt-2.7b (default: default)",
     )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="frozen weights' dtype (default fp32)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument(
@@ -33,4 +36,5 @@ def load_model(args: argparse.Namespace, model: str | None = None) -> Any:
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=getattr(args, "trust_remote_code", False),
+        revision=getattr(args, "revision", None),
     )

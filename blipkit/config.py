@@ -48,7 +48,8 @@ class QFormerConfig:
     max_text_tokens: int = 64  # texts are cut to this many tokens (as in training); <= max positions
     layer_norm_eps: float = 1e-12
     embed_dim: int = 256  # ITC space
-    text_path: bool = True  # word/position embeddings, text FFN, ITC/ITM heads
+    text_path: bool = True  # word/position embeddings and the text FFN: the Q-Former reads text
+    retrieval_heads: bool = True  # ITC/ITM heads + temperature; need text_path (InstructBLIP has none)
     lm_head: bool = True  # ITG head (BERT LM head tied to the word embeddings); needs text_path
     pad_token_id: int = 0
     bos_token_id: int = 30522  # [DEC], the first token of ITG text
@@ -187,6 +188,23 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 def list_models() -> list[str]:
     """Names ``blipkit.load`` accepts on their own: the models shipped with their weights."""
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").exists())
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """Each name of ``list_models()`` with its family and capabilities, read from its config alone."""
+    out = []
+    for name in list_models():
+        raw = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
+        cfg = raw.get("config", {})
+        family = raw.get("family", "blip2")
+        can = []
+        if cfg.get("llm", {}).get("kind", "causal") != "none":
+            can += ["caption", "ask", "chat"]
+        q = cfg.get("qformer", {})
+        if family == "blip2" and q.get("text_path", True) and q.get("retrieval_heads", True):
+            can += ["embed", "match"]
+        out.append({"name": name, "family": family, "capabilities": can})
+    return out
 
 
 def list_configs() -> list[str]:

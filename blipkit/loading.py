@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from blipkit.config import WEIGHTS_DIR, Blip2Config, LLMConfig, VisionConfig, list_configs, list_models
-from blipkit.convert import hf_blip2
+from blipkit.convert import hf_blip2, hf_instructblip
 from blipkit.errors import CheckpointError, ConfigError, EnvironmentProblem, UsageError
 from blipkit.models.blip2 import Blip2
 from blipkit.models.vision import Dinov2Encoder, EvaViT
@@ -46,7 +46,7 @@ _DTYPES = {
 
 @dataclass
 class Loaded:
-    model: Blip2
+    model: Any  # a family model (``blipkit.models.family``): Blip2, Llava or DualEncoder
     text: TextProcessor  # both tokenizers, prompts and windows
     processor: ImageProcessor
     path: Path | None
@@ -276,13 +276,117 @@ def _not_a_model(name: str) -> str:
 
 
 # --- public entry points ------------------------------------------------------------------------------------
+def _locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The directory behind a reference: a local dir, a model shipped by name, or a Hugging Face hub id."""
+    from blipkit import hub
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and (WEIGHTS_DIR / str(name_or_path)).exists():
+        path = WEIGHTS_DIR / str(name_or_path)
+    if not path.exists() and hub.is_hub_id(str(name_or_path)):
+        path = hub.snapshot(str(name_or_path), revision)
+    elif revision is not None:
+        raise UsageError(f"revision {revision!r} is for hub ids; {str(name_or_path)!r} is not one")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(_not_a_model(str(name_or_path)))
+    return path
+
+
+@dataclass
+class _Parts:
+    """A built family model with its tokenizers and image processor, before the text side is made."""
+
+    model: nn.Module
+    llm_tokenizer: Any | None
+    embed_tokenizer: Any | None  # the Q-Former's text path, or a dual encoder's text tower
+    processor: ImageProcessor
+
+
+def _load_blipkit(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
+    cfg = Blip2Config.from_dict(raw.get("config"), source=str(path / "config.json"))
+    model = build_model(
+        cfg, read_state_dict(path / BRIDGE_FILE), base=path, dtype=dtype, trust_remote_code=trust
+    )
+    tok_ref = cfg.llm.tokenizer or cfg.llm.pretrained
+    llm_tok = load_tokenizer(resolve(tok_ref, path), trust) if model.has_llm and tok_ref else None
+    return _blip2_parts(model, llm_tok, path, trust)
+
+
+def _load_hf_blip2(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
+    """transformers BLIP-2 (generation or retrieval) and InstructBLIP dirs."""
+    if hf_instructblip.is_instructblip(raw):  # BLIP-2 with the instruction in the Q-Former
+        cfg, state_dict = hf_instructblip.read_checkpoint(path, raw)
+    else:
+        cfg = hf_blip2.config_from_hf(raw, source=str(path / "config.json"))
+        state_dict = read_state_dict(path)
+        fmt = hf_blip2.detect_format(state_dict)
+        if fmt != "transformers":
+            raise CheckpointError(f"{path}: a {fmt} state dict in a transformers config dir")
+        state_dict = hf_blip2.fill_missing(hf_blip2.filter_hf(state_dict), cfg)
+    cfg.processor = _processor_from_hf_dir(path)
+    model = build_model(cfg, state_dict, base=path, dtype=dtype, trust_remote_code=trust)
+    # the saved blipkit checkpoint will reference these frozen weights instead of copying them
+    cfg.vision.pretrained = str(path.resolve())
+    if model.has_llm:
+        cfg.llm.pretrained, cfg.llm.hf_config = str(path.resolve()), None
+    llm_tok = load_tokenizer(path, trust) if model.has_llm else None
+    if cfg.qformer.text_path and not cfg.qformer_tokenizer:
+        cfg.qformer_tokenizer = str(path.resolve())
+    return _blip2_parts(model, llm_tok, path, trust)
+
+
+def _blip2_parts(model: Blip2, llm_tok: Any | None, path: Path, trust: bool) -> _Parts:
+    cfg = model.config
+    q_tok = load_tokenizer(resolve(cfg.qformer_tokenizer, path), trust) if cfg.qformer_tokenizer else None
+    return _Parts(model, llm_tok, q_tok, ImageProcessor.from_dict(cfg.processor))
+
+
+def _load_llava(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
+    from blipkit.convert import hf_llava, llava_original
+
+    source = hf_llava if hf_llava.detect(raw) else llava_original
+    model, tokenizer, processor = source.load(path, dtype, trust_remote_code=trust)
+    return _Parts(model, tokenizer, None, processor)
+
+
+def _load_dual_encoder(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
+    from blipkit.convert import hf_clip
+
+    check_remote_code(path, trust)
+    model, tokenizer, processor = hf_clip.load(path, dtype)
+    return _Parts(model, None, tokenizer, processor)
+
+
+def _is_llava(raw: dict[str, Any]) -> bool:
+    from blipkit.convert import hf_llava, llava_original
+
+    return bool(hf_llava.detect(raw) or llava_original.detect(raw))
+
+
+def _is_dual_encoder(raw: dict[str, Any]) -> bool:
+    from blipkit.convert import hf_clip
+
+    return hf_clip.detect(raw) is not None
+
+
+# (what it is, detect(config.json), load): the first format whose detector accepts the config loads it
+FORMATS = (
+    ("blipkit checkpoint", lambda raw: raw.get("format") == BLIPKIT_FORMAT, _load_blipkit),
+    ("transformers BLIP-2 / InstructBLIP", lambda raw: "qformer_config" in raw, _load_hf_blip2),
+    ("LLaVA (transformers or the original repo)", _is_llava, _load_llava),
+    ("transformers CLIP / SigLIP", _is_dual_encoder, _load_dual_encoder),
+)
+
+
 def load_checkpoint(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Loaded:
-    """Load a transformers BLIP-2 dir, a blipkit checkpoint dir, or ``"default"`` (the embedded model).
+    """Load a model by name (``"default"``), directory or Hugging Face hub id (``revision``: a branch, tag
+    or commit of it), in any of ``FORMATS``.
 
     ``trust_remote_code`` lets referenced transformers dirs run the Python code they ship (``auto_map``);
     without it such a dir is a ``CheckpointError``.
@@ -292,42 +396,20 @@ def load_checkpoint(
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise
     dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
     check_device(device)
-    path = Path(name_or_path).expanduser()
-    if not path.exists() and (WEIGHTS_DIR / str(name_or_path)).exists():
-        path = WEIGHTS_DIR / str(name_or_path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(_not_a_model(str(name_or_path)))
+    path = _locate(name_or_path, revision)
     raw = read_config(path / "config.json")
-    trust = {"trust_remote_code": trust_remote_code}
-    if raw.get("format") == BLIPKIT_FORMAT:
-        cfg = Blip2Config.from_dict(raw.get("config"), source=str(path / "config.json"))
-        trained = read_state_dict(path / BRIDGE_FILE)
-        model = build_model(cfg, trained, base=path, dtype=dtype, **trust)
-        tok_ref = cfg.llm.tokenizer or cfg.llm.pretrained
-        llm_tok = load_tokenizer(resolve(tok_ref, path), **trust) if model.has_llm and tok_ref else None
-    elif "qformer_config" in raw:
-        cfg = hf_blip2.config_from_hf(raw, source=str(path / "config.json"))
-        cfg.processor = _processor_from_hf_dir(path)
-        state_dict = read_state_dict(path)
-        fmt = hf_blip2.detect_format(state_dict)
-        if fmt != "transformers":
-            raise CheckpointError(f"{path}: a {fmt} state dict in a transformers config dir")
-        state_dict = hf_blip2.fill_missing(hf_blip2.filter_hf(state_dict), cfg)
-        model = build_model(cfg, state_dict, base=path, dtype=dtype, **trust)
-        # the saved blipkit checkpoint will reference these frozen weights instead of copying them
-        cfg.vision.pretrained = str(path.resolve())
-        if model.has_llm:
-            cfg.llm.pretrained, cfg.llm.hf_config = str(path.resolve()), None
-        llm_tok = load_tokenizer(path, **trust) if model.has_llm else None
-        if cfg.qformer.text_path:
-            cfg.qformer_tokenizer = str(path.resolve())
+    for _, detect, load in FORMATS:
+        if detect(raw):
+            parts = load(path, raw, dtype, trust_remote_code)
+            break
     else:
-        raise CheckpointError(f"{path}/config.json is neither a blipkit nor a transformers BLIP-2 config")
-    q_tok = load_tokenizer(resolve(cfg.qformer_tokenizer, path), **trust) if cfg.qformer_tokenizer else None
+        known = "; ".join(name for name, _, _ in FORMATS)
+        raise CheckpointError(f"{path}/config.json is a format blipkit does not load (it loads: {known})")
+    model = parts.model
     if device:
         model.to(device)
-    text = TextProcessor.for_model(model, llm_tok, q_tok)
-    return Loaded(model, text, ImageProcessor.from_dict(cfg.processor), path)
+    text = TextProcessor.for_model(model, parts.llm_tokenizer, parts.embed_tokenizer)
+    return Loaded(model, text, parts.processor, path)
 
 
 def save_checkpoint(

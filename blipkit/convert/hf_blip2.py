@@ -96,26 +96,39 @@ def _template(key: str) -> tuple[str, list[str]]:
     return _LAYER.sub(".{}.", key), _LAYER.findall(key)
 
 
-def _rename(key: str, table: dict[str, str], prefixes: dict[str, str]) -> str | None:
+def _rename(
+    key: str, table: dict[str, str], prefixes: dict[str, str], skipped: dict[str, str] = SKIPPED
+) -> str | None:
     for src, dst in prefixes.items():
         if key.startswith(src):
             return dst + key[len(src) :]
     template, indices = _template(key)
-    if template in SKIPPED or key in SKIPPED:
+    if template in skipped or key in skipped:
         return None
     if template not in table:
         raise KeyError(f"unknown checkpoint key {key!r} (no mapping for {template!r})")
     return table[template].format(*indices)
 
 
-def filter_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """transformers BLIP-2 state dict -> blipkit names."""
+def map_keys(
+    state_dict: dict[str, Tensor],
+    table: dict[str, str],
+    prefixes: dict[str, str] = PREFIXES,
+    skipped: dict[str, str] = SKIPPED,
+) -> dict[str, Tensor]:
+    """Rename by ``table`` (layer-index templates), pass ``prefixes`` through, drop ``skipped``; an unknown
+    key is a ``KeyError`` naming it. Shared with the other Q-Former formats (``hf_instructblip``)."""
     out = {}
     for key, value in state_dict.items():
-        new = _rename(key, HF_TO_BLIPKIT, PREFIXES)
+        new = _rename(key, table, prefixes, skipped)
         if new is not None:
             out[new] = value
     return out
+
+
+def filter_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers BLIP-2 state dict -> blipkit names."""
+    return map_keys(state_dict, HF_TO_BLIPKIT)
 
 
 def to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -66,7 +66,7 @@ def image_features(model, images: Sequence) -> tuple[Tensor, Tensor]:
     queries, feats = [], []
     for i in range(0, len(images), model.batch_size):
         f = model.image_features(list(images[i : i + model.batch_size]))  # (b, P, Dv)
-        queries.append(model.model.qformer.image_features(f).float().cpu())  # (b, Q, E)
+        queries.append(model.model.image_embeddings(f).float().cpu())  # (b, Q, E)
         feats.append(f.cpu())
     return torch.cat(queries), torch.cat(feats)
 

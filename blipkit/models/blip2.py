@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blipkit.config import Blip2Config, BridgeConfig
-from blipkit.errors import CapabilityError, ConfigError
+from blipkit.errors import ConfigError
+from blipkit.models.family import require
 from blipkit.models.llm_io import LLMInputs, positions_from_mask, takes
 from blipkit.models.qformer import QFormer
 
@@ -138,10 +139,32 @@ class Blip2(nn.Module):
     def has_llm(self) -> bool:
         return self.llm is not None
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this checkpoint can do (see ``blipkit.models.family``)."""
+        can = {"caption", "ask", "chat"} if self.has_llm else set()
+        if self.qformer.has_retrieval_heads:
+            can |= {"embed", "match"}
+        return frozenset(can)
+
+    def why_not(self, capability: str) -> str | None:
+        """Why this checkpoint lacks ``capability``."""
+        if capability in ("caption", "ask", "chat"):
+            return "it has no language model: an image-text retrieval checkpoint"
+        return (
+            "it has no Q-Former text path with ITC/ITM heads, a generation-only checkpoint: similarity, "
+            "match, classify and text embeddings need a retrieval or stage-1 checkpoint"
+        )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """LLM positions the image takes: the queries."""
+        return self.config.qformer.num_query_tokens
+
     def require_llm(self) -> None:
         """Raise CapabilityError when there is no language model (a retrieval checkpoint)."""
         if self.llm is None:
-            raise CapabilityError("this checkpoint has no language model (an image-text retrieval model)")
+            require(self, "caption", self.config.name)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -172,6 +195,25 @@ class Blip2(nn.Module):
             hidden = self.qformer(embeds, ids, mask, mask_kind="bidirectional")  # (B, Q+Tq, Dq)
             prefix = self.bridge(hidden[:, : self.config.qformer.num_query_tokens])  # (B, Q, Dl)
         return prefix.to(self.llm.get_input_embeddings().weight.dtype)
+
+    # --- one embedding space (the Q-Former's text path) ---------------------------------------------------
+    def image_embeddings(self, image_embeds: Tensor) -> Tensor:
+        """ITC image embeddings (B, Q, E), one per query, L2-normalised, from vision features (B, P, Dv)."""
+        return self.qformer.image_features(image_embeds)
+
+    def text_embeddings(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """ITC text embeddings (B, E), L2-normalised."""
+        return self.qformer.text_features(input_ids, attention_mask)
+
+    def label_probs(self, similarity: Tensor) -> Tensor:
+        """Zero-shot probabilities (N, M) from ITC similarities: softmax over labels of sim / temperature."""
+        return (similarity / self.qformer.temp.detach().float().clamp(min=1e-3)).softmax(dim=-1)
+
+    def match_probs(
+        self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """ITM probability (B,) that text i matches image i."""
+        return self.qformer.itm_logits(image_embeds, input_ids, attention_mask).softmax(dim=-1)[:, 1]
 
     # --- stage 2: the LLM's inputs ----------------------------------------------------------------------
     def llm_inputs(

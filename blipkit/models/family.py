@@ -2,9 +2,9 @@
 
 Families (one model file each in ``blipkit/models/``):
 
-- ``blip2``  (``Blip2``: BLIP-2 and InstructBLIP): vision -> Q-Former (queries [+ instruction]) -> linear -> LLM;
-- ``llava``  (``Llava``): vision patches -> MLP projector -> spliced in at the image token of the prompt -> LLM;
-- ``clip``   (``DualEncoder``: CLIP and SigLIP): vision -> proj, text -> proj, scaled cosine.
+- ``blip2`` (``Blip2``: BLIP-2, InstructBLIP): vision -> Q-Former (queries [+ instruction]) -> linear -> LLM;
+- ``llava`` (``Llava``): vision patches -> MLP projector -> at the prompt's image token -> LLM;
+- ``clip`` (``DualEncoder``: CLIP and SigLIP): vision -> proj, text -> proj, scaled cosine.
 
 A family serves a capability when its model has the calls listed for it:
 
@@ -28,6 +28,34 @@ from typing import Any
 from blipkit.errors import CapabilityError
 
 CAPABILITIES = ("caption", "ask", "chat", "embed", "match")
+_GENERATE = ("caption", "ask", "chat")
+
+# what each family loads from, and what its models can do (a checkpoint may hold less: a BLIP-2 retrieval
+# model has no LLM, a generation model no ITC/ITM heads)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "blip2": {
+        "models": "BLIP-2, InstructBLIP",
+        "formats": [
+            "transformers Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval",
+            "transformers InstructBlipForConditionalGeneration",
+            "blipkit checkpoints (blipkit train)",
+        ],
+        "capabilities": [*_GENERATE, "embed (retrieval heads)", "match (retrieval heads)"],
+    },
+    "llava": {
+        "models": "LLaVA-1.5 style (any causal LM: Llama, Vicuna, Mistral, Qwen2, ...)",
+        "formats": [
+            "transformers LlavaForConditionalGeneration",
+            "original LLaVA repo (LlavaLlamaForCausalLM)",
+        ],
+        "capabilities": list(_GENERATE),
+    },
+    "clip": {
+        "models": "CLIP, SigLIP",
+        "formats": ["transformers CLIPModel", "transformers SiglipModel"],
+        "capabilities": ["embed", "match (SigLIP)"],
+    },
+}
 
 
 def capabilities(model: Any) -> tuple[str, ...]:
@@ -36,7 +64,9 @@ def capabilities(model: Any) -> tuple[str, ...]:
 
 
 def require(model: Any, capability: str, family: str) -> None:
-    """``CapabilityError`` naming what ``model`` can do when it lacks ``capability``."""
+    """``CapabilityError`` naming what ``model`` can do when it lacks ``capability`` (and why, where the model
+    says: ``model.why_not(capability)``)."""
     if capability not in model.capabilities:
         can = ", ".join(capabilities(model)) or "nothing"
-        raise CapabilityError(f"a {family} model cannot {capability}; it can: {can}")
+        why = getattr(model, "why_not", lambda _: None)(capability)
+        raise CapabilityError(f"{family} cannot {capability}{f' ({why})' if why else ''}; it can: {can}")

@@ -32,7 +32,10 @@ KV = tuple[tuple[Tensor, Tensor], ...]  # per LLM layer: (keys, values), each (n
 
 
 def supports_prefix_kv(blip: Blip2) -> bool:
-    """True when the visual prompt's keys/values can be cached: decoder-only LLM, text-independent prompt."""
+    """True when the visual prompt's keys/values can be cached: decoder-only LLM, a text-independent prompt
+    at the front of the sequence (BLIP-2; LLaVA splices the image inside its template)."""
+    if getattr(blip.config, "family", "blip2") != "blip2":
+        return False
     if not blip.has_llm or blip.is_encoder_decoder or blip.config.bridge.text_input:
         return False
     gen = getattr(blip.llm, "generation_config", None)

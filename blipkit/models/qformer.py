@@ -146,7 +146,7 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             QFormerLayer(cfg, i % cfg.cross_attention_frequency == 0) for i in range(cfg.num_layers)
         )
-        if cfg.text_path:
+        if self.has_retrieval_heads:  # ITC / ITM (BLIP-2 stage 1); InstructBLIP's Q-Former has none
             self.vision_proj = nn.Linear(D, cfg.embed_dim)
             self.text_proj = nn.Linear(D, cfg.embed_dim)
             self.itm_head = nn.Linear(D, 2)
@@ -159,6 +159,19 @@ class QFormer(nn.Module):
     @property
     def has_text_path(self) -> bool:
         return self.config.text_path
+
+    @property
+    def has_retrieval_heads(self) -> bool:
+        return self.config.text_path and self.config.retrieval_heads
+
+    def _require_retrieval_heads(self) -> None:
+        self._require_text_path()
+        if not self.has_retrieval_heads:
+            raise CapabilityError(
+                "this checkpoint's Q-Former reads the prompt (instruction-aware, as InstructBLIP) but has no "
+                "retrieval heads (vision_proj, text_proj, itm_head): it can caption, ask and chat; text and "
+                "image embeddings, similarity, match and classify need a retrieval or stage-1 checkpoint"
+            )
 
     def _require_text_path(self) -> None:
         if not self.config.text_path:
@@ -200,12 +213,12 @@ class QFormer(nn.Module):
     # --- heads -------------------------------------------------------------------------------------------
     def image_features(self, image_embeds: Tensor) -> Tensor:
         """ITC image embeddings, one per query: (B, Q, E), L2-normalised."""
-        self._require_text_path()
+        self._require_retrieval_heads()
         return F.normalize(self.vision_proj(self(image_embeds)), dim=-1)
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """ITC text embedding from the [CLS] position: (B, E), L2-normalised."""
-        self._require_text_path()
+        self._require_retrieval_heads()
         hidden = self(None, input_ids, attention_mask, mask_kind="unimodal", use_queries=False)  # (B, T, D)
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
@@ -213,7 +226,7 @@ class QFormer(nn.Module):
         self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
     ) -> Tensor:
         """ITM logits (B, 2): the head averaged over the query outputs of a bidirectional pass."""
-        self._require_text_path()
+        self._require_retrieval_heads()
         hidden = self(image_embeds, input_ids, attention_mask, mask_kind="bidirectional")  # (B, Q+T, D)
         return self.itm_head(hidden[:, : self.config.num_query_tokens]).mean(dim=1)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blipkit.errors import UsageError
+from blipkit.errors import CapabilityError, UsageError
 from blipkit.extras import require
 from blipkit.retrieval.index import ImageIndex
 
@@ -123,7 +123,10 @@ def itm_logits(model, image_feats: Tensor, texts: list[str], batch_size: int = 6
 
 @torch.inference_mode()
 def itm_pair_logits(model, image_feats: Tensor, texts: list[str], batch_size: int = 64) -> Tensor:
-    """Both ITM logits (B, 2), (no match, match), of image i with text i."""
+    """Both ITM logits (B, 2), (no match, match), of image i with text i (BLIP-2's ITM head)."""
+    if model.family != "blip2":
+        raise CapabilityError(f"re-ranking needs BLIP-2's ITM head; {model.family} models rank by similarity")
+    model.require("match")
     if len(texts) != len(image_feats):
         raise ValueError(f"{len(image_feats)} images but {len(texts)} texts")
     out = []

@@ -100,14 +100,23 @@ class Server:
         return await asyncio.to_thread(self.decode, req, data)
 
     def fetch(self, req: ChatRequest) -> bytes:
+        return self.download(req.image_url, req.image_param)
+
+    def download(self, url: str, param: str) -> bytes:
         return fetch_remote(
-            req.image_url,
+            url,
             self.max_image_bytes,
-            req.image_param,
+            param,
             allow_private_networks=self.allow_private_networks,
             allowed_domains=self.allowed_media_domains,
             timeout_s=self.image_fetch_timeout_s,
         )
+
+    async def image_bytes(self, url: str, param: str) -> bytes:
+        """The bytes behind an image URL (a data URI, or a download where remote images are allowed)."""
+        if check_image_url(url, self.allow_remote_images, param) == "remote":
+            return await asyncio.get_running_loop().run_in_executor(self.fetcher, self.download, url, param)
+        return await asyncio.to_thread(decode_data_uri, url, self.max_image_bytes, param)
 
     def decode(self, req: ChatRequest, data: bytes | None) -> tuple[str, Any, Any]:
         """Blocking: (hash, cached features, pixels) of a data URI's or a download's bytes."""
@@ -117,18 +126,62 @@ class Server:
         features = self.engine.cached(key)
         if features is not None:
             return key, features, None
+        return key, None, self.pixels(data, req.image_param)
+
+    def pixels(self, data: bytes, param: str) -> torch.Tensor:
+        """Blocking: the processed (1, 3, S, S) image of encoded image bytes."""
         processor = self.model.processor
-        image = open_image(data, self.max_image_pixels, req.image_param, 2 * processor.image_size)
+        image = open_image(data, self.max_image_pixels, param, 2 * processor.image_size)
         pixels = image.width * image.height
         try:
-            return key, None, processor.preprocess(load_image(image))[None]
+            return processor.preprocess(load_image(image))[None]
         except ImageError as e:
-            raise APIError(f"cannot decode image: {e.reason}", 400, "invalid_image", req.image_param) from e
+            raise APIError(f"cannot decode image: {e.reason}", 400, "invalid_image", param) from e
         finally:
             image.close()
             del image
             if pixels >= TRIM_AFTER_PIXELS:
                 release_memory()
+
+
+def _embedding_inputs(value: Any) -> list[tuple[str, str]]:
+    """``input`` of an embeddings request as ("text", text) / ("image", url) items.
+
+    A string or a list whose items are strings (texts) or images, given as OpenAI's chat content parts
+    ``{"type": "image_url", "image_url": {"url": ...}}`` or as ``{"image": url}`` (a data URI, or a URL where
+    remote images are allowed).
+    """
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise APIError(
+            "'input' must be a string or a non-empty list of strings and images",
+            400,
+            "invalid_input",
+            "input",
+        )
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise APIError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", 400, "too_many_inputs", "input")
+    out = []
+    for i, item in enumerate(items):
+        url = None
+        if isinstance(item, dict):
+            part = item.get("image_url") if item.get("type") == "image_url" else None
+            url = (
+                part.get("url") if isinstance(part, dict) else part if part is not None else item.get("image")
+            )
+        if isinstance(item, str):
+            out.append(("text", item))
+        elif isinstance(url, str) and url:
+            out.append(("image", url))
+        else:
+            raise APIError(
+                f"input[{i}] must be a string, {{'type': 'image_url', 'image_url': {{'url': ...}}}} or "
+                "{'image': url}",
+                400,
+                "invalid_input",
+                f"input[{i}]",
+            )
+    return out
 
 
 async def _json_body(request: Request, limit: int) -> Any:
@@ -276,16 +329,7 @@ def create_app(
         if not isinstance(body, dict):
             raise APIError("request body must be a JSON object", 400, "invalid_body")
         srv.check_model(body.get("model"))
-        texts = body.get("input")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise APIError(
-                "'input' must be a string or a non-empty list of strings", 400, "invalid_input", "input"
-            )
-        if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise APIError(
-                f"at most {MAX_EMBEDDING_INPUTS} inputs per request", 400, "too_many_inputs", "input"
-            )
+        items = _embedding_inputs(body.get("input"))
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise APIError(
@@ -295,9 +339,33 @@ def create_app(
         if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
             raise APIError("'dimensions' must be a positive integer", 400, "invalid_value", "dimensions")
 
+        if not model.model.capabilities & {"embed"}:
+            raise APIError(
+                f"model {srv.name!r} cannot embed; it can: {', '.join(model.capabilities)}",
+                400,
+                "unsupported_by_model",
+                "model",
+            )
+        texts = [(i, x) for i, (kind, x) in enumerate(items) if kind == "text"]
+        images = [
+            (i, await srv.image_bytes(x, f"input[{i}]"))
+            for i, (kind, x) in enumerate(items)
+            if kind == "image"
+        ]
+
         def embed() -> Any:
+            out: list[Any] = [None] * len(items)
             with srv.lock:
-                return model.embed_texts(texts).float().cpu()
+                if texts:
+                    for (i, _), v in zip(
+                        texts, model.embed_texts([t for _, t in texts]).float().cpu(), strict=True
+                    ):
+                        out[i] = v
+                if images:
+                    pixels = torch.cat([srv.pixels(data, f"input[{i}]") for i, data in images])
+                    for (i, _), v in zip(images, model.embed_images(pixels).float().cpu(), strict=True):
+                        out[i] = v
+            return torch.stack(out)
 
         try:
             vectors = await asyncio.to_thread(embed)
@@ -312,7 +380,7 @@ def create_app(
                     "dimensions",
                 )
             vectors = torch.nn.functional.normalize(vectors[:, :dims], dim=-1)
-        tokens = sum(len(t.split()) for t in texts)
+        tokens = sum(len(t.split()) for _, t in texts)
         return {
             "object": "list",
             "data": [

@@ -120,7 +120,7 @@ class Engine:
         self._start_lock = threading.Lock()
         self.decoder = model.decoder
         # with question-aware queries the visual prompt depends on the text: cache the ViT features instead
-        self.question_aware = model.model.question_aware
+        self.question_aware = getattr(model.model, "question_aware", False)
         # worth it only when entries are kept: the prefix run once per image instead of once per question
         self.prefix_kv = prefix_kv and self.cache.capacity > 0 and supports_prefix_kv(model.model)
 
@@ -302,7 +302,7 @@ class Engine:
         text = self.model.text.decode(job.tokens)
         if job.stream and text.startswith(job.sent) and len(text) > len(job.sent):
             self._emit(job, ("delta", text[len(job.sent) :]))
-        prompt_tokens = len(job.prompt.llm_ids) + self.model.config.qformer.num_query_tokens
+        prompt_tokens = len(job.prompt.llm_ids) + self.model.text.num_query_tokens
         self._emit(job, ("done", Result(text, reason, prompt_tokens, len(job.tokens), job.pixels is None)))
 
     @staticmethod
