@@ -167,7 +167,8 @@ class Model:
     def ask(
         self, image: ImageInput, question: str, max_new_tokens: int | None = None, **generate_kwargs: Any
     ) -> str:
-        """Answer a question about one image ("Question: {q} Answer:" style prompt)."""
+        """Answer a question about one image ("Question: {q} Answer:" style prompt, or the chat template)."""
+        self.require("ask")
         n = max_new_tokens or self.config.prompts.vqa_max_new_tokens
         return self.generate([image], [self.text.question(question)], n, **generate_kwargs)[0]
 
@@ -246,7 +247,8 @@ class Model:
         if not labels:
             raise UsageError("classify needs at least one label")
         sims = self.similarity(images, [fill(template, label) for label in labels])
-        probs = self.model.label_probs(sims)
+        with torch.no_grad():
+            probs = self.model.label_probs(sims)
         return [dict(zip(labels, map(float, row), strict=True)) for row in probs]
 
 
@@ -264,6 +266,7 @@ class Chat:
     """
 
     def __init__(self, model: Model, image: ImageInput, max_new_tokens: int = 30):
+        model.require("chat")
         model.require_llm()
         self.model = model
         self.image = model.processor(image)  # decoded once: (1, 3, S, S)

@@ -26,6 +26,7 @@ from blipkit.config import WEIGHTS_DIR, Blip2Config, LLMConfig, VisionConfig, li
 from blipkit.convert import hf_blip2, hf_instructblip
 from blipkit.errors import CheckpointError, ConfigError, EnvironmentProblem, UsageError
 from blipkit.models.blip2 import Blip2
+from blipkit.models.towers import build_tower
 from blipkit.models.vision import Dinov2Encoder, EvaViT
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, load_strict, read_state_dict
@@ -104,22 +105,47 @@ def _is_hf_blip2(path: Path) -> bool:
 
 
 # --- building the parts -------------------------------------------------------------------------------------
+_TOWER_DIRS = {
+    "dinov2": "Dinov2Model",
+    "clip": "CLIPModel or CLIPVisionModel",
+    "siglip": "SiglipModel or SiglipVisionModel",
+}
+
+
 def build_vision(
     cfg: VisionConfig,
     state_dict: dict[str, Tensor] | None,
     base: Path | None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    if cfg.kind == "dinov2":
+    """The frozen image encoder of ``cfg`` (see ``VisionConfig``): BLIP-2's EVA ViT, or a transformers tower.
+
+    DINOv2 read at its last layer with every token is ``Dinov2Encoder`` (as it always was); CLIP, SigLIP and
+    DINOv2 at other layers or selections are ``blipkit.models.towers.VisionTower``s.
+    """
+    tower = cfg.kind in ("clip", "siglip") or (
+        cfg.kind == "dinov2" and (cfg.feature_layer != -1 or cfg.select != "full")
+    )
+    if tower or cfg.kind == "dinov2":
         if not cfg.pretrained:
+            wanted = _TOWER_DIRS[cfg.kind]
             raise CheckpointError(
-                "vision.kind 'dinov2' needs vision.pretrained (a transformers Dinov2Model dir)"
+                f"vision.kind {cfg.kind!r} needs vision.pretrained (a transformers {wanted} dir)"
             )
         source = resolve(cfg.pretrained, base)
         check_remote_code(source, trust_remote_code)
-        return Dinov2Encoder.from_pretrained(cfg, str(source))
+        if not tower:
+            return Dinov2Encoder.from_pretrained(cfg, str(source))
+        return build_tower(cfg.kind, source=source, feature_layer=cfg.feature_layer, select=cfg.select)
     if cfg.kind != "eva":
-        raise ConfigError(f"unknown vision kind {cfg.kind!r}; expected 'eva' or 'dinov2'")
+        raise ConfigError(
+            f"unknown vision kind {cfg.kind!r}; expected one of {['eva', *sorted(_TOWER_DIRS)]}"
+        )
+    if cfg.feature_layer != -1 or cfg.select != "full":
+        raise ConfigError(
+            "vision.feature_layer and vision.select apply to transformers towers (dinov2, clip, siglip); the "
+            "EVA ViT gives its last built block (vision.num_layers sets its depth: BLIP-2 builds 39 of 40)"
+        )
     if state_dict is None:
         if not cfg.pretrained:
             raise CheckpointError(
@@ -373,8 +399,8 @@ def _is_dual_encoder(raw: dict[str, Any]) -> bool:
 FORMATS = (
     ("blipkit checkpoint", lambda raw: raw.get("format") == BLIPKIT_FORMAT, _load_blipkit),
     ("transformers BLIP-2 / InstructBLIP", lambda raw: "qformer_config" in raw, _load_hf_blip2),
-    ("LLaVA (transformers or the original repo)", _is_llava, _load_llava),
     ("transformers CLIP / SigLIP", _is_dual_encoder, _load_dual_encoder),
+    ("LLaVA (transformers or the original repo)", _is_llava, _load_llava),
 )
 
 

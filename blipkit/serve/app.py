@@ -397,7 +397,10 @@ def create_app(
         srv.check_model(req.model)
         if engine is None:
             raise APIError(
-                "this model has no language model: it cannot chat", 400, "unsupported_by_model", "model"
+                f"model {srv.name!r} cannot chat; it can: {', '.join(model.capabilities)}",
+                400,
+                "unsupported_by_model",
+                "model",
             )
         key, features, pixels = await srv.image(req)
         prompt = await asyncio.to_thread(fitted_prompt, engine, req)  # tokenising is work: off the loop
