@@ -21,9 +21,23 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class VisionConfig:
-    kind: str = (
-        "eva"  # "eva": BLIP-2's EVA ViT (weights in the checkpoint); "dinov2": a transformers Dinov2Model
-    )
+    """The frozen image encoder.
+
+    ``kind``: "eva" (BLIP-2's EVA ViT, weights in the checkpoint, built from the fields below) or a
+    transformers tower in ``pretrained`` (``blipkit.models.towers``): "dinov2" (``Dinov2Model``), "clip"
+    (``CLIPModel`` / ``CLIPVisionModel``), "siglip" (``SiglipModel`` / ``SiglipVisionModel``).
+
+    Which features the Q-Former reads (towers only; "eva" is read at its last built block, after its final
+    LayerNorm): ``feature_layer`` indexes transformers' ``hidden_states`` (0 = the embeddings, i = the output
+    of block i, never the post-LayerNorm; -1 = the last block, except that DINOv2 at -1 is read after its
+    final LayerNorm, ``last_hidden_state``). BLIP-2's rule is the second-to-last block: its EVA ViT-g drops
+    the last of its 40 blocks (``num_layers`` 39), so a full CLIP / SigLIP tower in BLIP-2's place reads
+    ``feature_layer: -2`` (as LLaVA-1.5 does). ``select``: "full" keeps every token, [CLS] first where the
+    tower has one (the Q-Former's cross-attention reads them all, as BLIP-2's does); "default" drops the
+    [CLS] (LLaVA's "patch" features; SigLIP has no [CLS], so both give the patches).
+    """
+
+    kind: str = "eva"  # "eva" | "dinov2" | "clip" | "siglip"
     image_size: int = 224
     patch_size: int = 14
     hidden_size: int = 1408  # ViT-g
@@ -31,7 +45,9 @@ class VisionConfig:
     num_heads: int = 16
     intermediate_size: int = 6144
     layer_norm_eps: float = 1e-6
-    pretrained: str | None = None  # dinov2 only: an asset name ("asset:dinov2-s14") or a transformers dir
+    pretrained: str | None = None  # an asset name ("asset:dinov2-s14") or a transformers dir (eva: BLIP-2's)
+    feature_layer: int = -1  # towers: the hidden_states index read (-2: BLIP-2's second-to-last block)
+    select: str = "full"  # towers: "full" ([CLS] + patches) or "default" (patches only, as LLaVA)
 
 
 @dataclass

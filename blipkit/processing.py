@@ -191,7 +191,7 @@ _HF_CLASS_SUFFIXES = ("ImageProcessor", "ImageProcessorFast", "ImageProcessorPil
 
 def _hf_defaults(d: dict) -> dict:
     """The ``_HF_DEFAULTS`` of the class a preprocessor config names; a class not listed is a ConfigError."""
-    kind = d.get("image_processor_type") or d.get("feature_extractor_type") or "Blip"
+    kind = d.get("image_processor_type") or d.get("feature_extractor_type") or "BlipImageProcessor"
     for prefix, defaults in _HF_DEFAULTS.items():
         if str(kind).startswith(prefix) and str(kind)[len(prefix) :] in _HF_CLASS_SUFFIXES:
             return defaults

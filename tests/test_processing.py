@@ -265,8 +265,8 @@ def test_dict_round_trip_and_validation():
     d = proc.to_dict()
     assert d == {"image_size": 364, "mean": list(proc.mean), "std": list(proc.std), "resample": "bilinear"}
     assert ImageProcessor.from_dict(d) == proc
-    with pytest.raises(ValueError, match="crop_size"):
-        ImageProcessor.from_dict({**d, "crop_size": 3})
+    with pytest.raises(ValueError, match="crop_ratio"):
+        ImageProcessor.from_dict({**d, "crop_ratio": 3})
     with pytest.raises(ValueError, match="resample"):
         ImageProcessor(resample="box")
     with pytest.raises(ValueError, match="image_size"):
@@ -325,3 +325,163 @@ def test_parity_with_transformers_blip_image_processor(resample):
     got = ours(images).numpy()
     assert got.shape == expected.shape == (3, 3, 30, 30)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- CLIP / SigLIP / LLaVA preprocessing
+
+
+def _hf_pil(name: str):
+    transformers = pytest.importorskip("transformers")
+    return getattr(transformers, f"{name}ImageProcessorPil")
+
+
+_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
+# non-square (both orientations), square, and one smaller than the crop on one side
+_SHAPES = [(47, 23), (13, 61), (30, 30), (90, 31), (31, 90), (8, 40)]
+
+
+def _images() -> list[PIL.Image.Image]:
+    return [_rgb(w, h, seed=i) for i, (w, h) in enumerate(_SHAPES)]
+
+
+@pytest.mark.parametrize("resample", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(("shortest_edge", "crop"), [(30, 30), (32, 24), (20, 24)])
+def test_parity_with_transformers_clip_image_processor(resample, shortest_edge, crop):
+    # (20, 24): the crop is larger than the resized short side, so transformers zero-pads before cropping
+    hf = _hf_pil("CLIP")(
+        size={"shortest_edge": shortest_edge},
+        crop_size={"height": crop, "width": crop},
+        resample=_CODES[resample],
+    )
+    ours = ImageProcessor.from_hf_dict(hf.to_dict())
+    assert (ours.resize, ours.image_size, ours.crop_size, ours.resample) == (
+        "shortest_edge",
+        shortest_edge,
+        crop,
+        resample,
+    )
+    assert ours.output_size == crop
+    for image in _images():  # one at a time: transformers only batches equal output sizes anyway
+        expected = hf(image, return_tensors="np")["pixel_values"]
+        got = ours(image).numpy()
+        assert got.shape == expected.shape == (1, 3, crop, crop)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_parity_with_transformers_siglip_image_processor():
+    hf = _hf_pil("Siglip")(size={"height": 30, "width": 30})
+    ours = ImageProcessor.from_hf_dict(hf.to_dict())
+    assert (ours.resize, ours.image_size, ours.crop_size, ours.mean, ours.std) == (
+        "square",
+        30,
+        None,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+    )
+    images = _images()
+    expected = hf(images, return_tensors="np")["pixel_values"]
+    got = ours(images).numpy()
+    assert got.shape == expected.shape == (len(images), 3, 30, 30)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def _llava_expand2square(pil_img, background_color):
+    """LLaVA's ``llava/mm_utils.py::expand2square``, verbatim."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    elif width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    else:
+        result = Image.new(pil_img.mode, (height, height), background_color)
+        result.paste(pil_img, ((height - width) // 2, 0))
+        return result
+
+
+def test_pad_to_square_matches_llava():
+    hf = _hf_pil("CLIP")(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    ours = ImageProcessor(**{**ImageProcessor.from_hf_dict(hf.to_dict()).__dict__, "pad_to_square": True})
+    fill = tuple(int(x * 255) for x in hf.image_mean)
+    for image in _images():
+        expected = hf(_llava_expand2square(image, fill), return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(ours(image).numpy(), expected, rtol=0, atol=1e-6)
+    # the padding is visible: a wide image's top row is the mean colour (truncated to uint8), ~0 normalised
+    wide = ours(_rgb(60, 20, seed=9))[0]
+    assert wide[:, 0].abs().max() < 0.02
+    assert not torch.allclose(wide, ImageProcessor.from_hf_dict(hf.to_dict())(_rgb(60, 20, seed=9))[0])
+
+
+def test_new_fields_round_trip_and_stay_out_of_old_dicts():
+    old = ImageProcessor(image_size=30).to_dict()
+    assert set(old) == {"image_size", "mean", "std", "resample"}  # feature-cache keys unchanged
+    clip = ImageProcessor(image_size=32, resize="shortest_edge", crop_size=28, pad_to_square=True)
+    d = clip.to_dict()
+    assert (d["resize"], d["crop_size"], d["pad_to_square"]) == ("shortest_edge", 28, True)
+    assert ImageProcessor.from_dict(d) == clip
+    assert ImageProcessor.from_dict(old) == ImageProcessor(image_size=30)
+    square_crop = ImageProcessor(image_size=36, crop_size=30)
+    assert ImageProcessor.from_dict(square_crop.to_dict()) == square_crop
+    assert square_crop(_rgb(50, 20)).shape == (1, 3, 30, 30)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"resize": "longest_edge"}, "resize"),
+        ({"crop_size": 0}, "crop_size"),
+        ({"crop_size": True}, "crop_size"),
+        ({"resize": "shortest_edge"}, "crop_size"),
+        ({"pad_to_square": 1}, "pad_to_square"),
+    ],
+)
+def test_new_fields_validated(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ImageProcessor(**kwargs)
+
+
+_CLIP_HF = {
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "CLIPImageProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 224},
+}
+
+
+def test_from_hf_dict_clip_and_siglip_forms():
+    clip = ImageProcessor(image_size=224, resize="shortest_edge", crop_size=224)
+    assert ImageProcessor.from_hf_dict(_CLIP_HF) == clip
+    # openai/clip-vit-*: the old feature-extractor form, int sizes (CLIP's int size is the shortest edge)
+    old = {**_CLIP_HF, "size": 224, "crop_size": 224, "feature_extractor_type": "CLIPFeatureExtractor"}
+    del old["image_processor_type"]
+    assert ImageProcessor.from_hf_dict(old) == clip
+    # keys left out take CLIPImageProcessor's defaults (do_center_crop true, crop 224)
+    assert ImageProcessor.from_hf_dict({"image_processor_type": "CLIPImageProcessor"}) == clip
+    siglip = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 384, "width": 384}}
+    got = ImageProcessor.from_hf_dict(siglip)
+    assert got == ImageProcessor(image_size=384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert ImageProcessor.from_hf_dict({**_CLIP_HF, "image_processor_type": "CLIPImageProcessorFast"}) == clip
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"do_center_crop": False}, "do_center_crop"),  # shortest edge alone: non-square outputs
+        ({"size": {"shortest_edge": 224, "longest_edge": 448}}, "longest_edge"),
+        ({"crop_size": {"height": 224, "width": 200}}, "crop_size"),
+        ({"size": {"shortest_edge": "224"}}, "size.shortest_edge"),
+        ({"do_pad": True}, "do_pad"),
+        ({"image_processor_type": "LlavaNextImageProcessor"}, "LlavaNextImageProcessor"),
+        ({"crop_size": None}, "crop_size"),
+    ],
+)
+def test_from_hf_dict_rejects_what_it_cannot_reproduce(change, named):
+    with pytest.raises(ValueError, match=named):
+        ImageProcessor.from_hf_dict({**_CLIP_HF, **change})

@@ -1,10 +1,10 @@
 """transformers CLIP / SigLIP checkpoints (``CLIPModel``, ``SiglipModel``) <-> blipkit ``DualEncoder``.
 
-The towers are transformers' own ``CLIPVisionModel``/``CLIPTextModel`` (``SiglipVisionModel``/``SiglipTextModel``);
-in transformers 5 these hold their layers directly (no inner ``vision_model`` / ``text_model``), so a tower's
-keys keep transformers' names under ``vision.`` / ``text.``. Every source key is mapped or listed in
-``SKIPPED`` with its reason; anything else is a ``CheckpointError`` naming it. The reverse map is the inverse
-of the forward one.
+The towers are transformers' own ``CLIPVisionModel`` / ``CLIPTextModel`` (SigLIP: ``SiglipVisionModel`` /
+``SiglipTextModel``). In transformers 5 these hold their layers directly (no inner ``vision_model`` /
+``text_model``), so a tower's keys keep transformers' names under ``vision.`` / ``text.``. Every source key
+is mapped or listed in ``SKIPPED`` with its reason; anything else is a ``CheckpointError`` naming it. The
+reverse map is the inverse of the forward one.
 
 Loading is ``read -> detect -> config_from_hf -> strict check (in the checkpoint's own names) -> filter_hf ->
 fill``: ``load(path, dtype)`` returns the model, its tokenizer and its image processor.
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from blipkit.config import PromptConfig, check_type
 from blipkit.errors import CheckpointError, ConfigError
-from blipkit.models.clip import DualEncoder, DualEncoderConfig, empty, fill
+from blipkit.models.clip import DualEncoder, DualEncoderConfig, empty, fill, hf_config_class
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, read_state_dict
 
@@ -41,12 +41,11 @@ SKIPPED = {
 }
 
 _ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
-_DEFAULT_MAX_TOKENS = {"clip": 77, "siglip": 64}  # transformers' CLIPTextConfig / SiglipTextConfig defaults
 _PADDING = {"clip": "longest", "siglip": "max_length"}
 
 
 def detect(raw_config: dict[str, Any]) -> str | None:
-    """"clip" / "siglip" for a transformers ``CLIPModel`` / ``SiglipModel`` config.json dict; None otherwise.
+    """ "clip" / "siglip" for a transformers ``CLIPModel`` / ``SiglipModel`` config.json dict; None otherwise.
 
     ``model_type`` decides; when ``architectures`` is given it must name the dual-encoder class (a
     ``CLIPForImageClassification`` shares ``model_type`` "clip" but has no text tower).
@@ -74,7 +73,9 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
     for src, dst in table.items():
         if src.endswith("*") and key.startswith(src[:-1]):
             return dst[:-1] + key[len(src) - 1 :]
-    raise CheckpointError(f"unknown checkpoint key {key!r} (known: {sorted(table)}; skipped: {sorted(SKIPPED)})")
+    raise CheckpointError(
+        f"unknown checkpoint key {key!r} (known: {sorted(table)}; skipped: {sorted(SKIPPED)})"
+    )
 
 
 def filter_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -144,6 +145,18 @@ def _check_fields(d: dict[str, Any], hints: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"{where}{key} must be >= 1, got {d[key]!r}")
 
 
+def _check_tower(d: dict[str, Any], hints: dict[str, Any], lead: str, block: str, activations: Any) -> None:
+    """``_check_fields``, a known activation, and a width its heads divide (for the fields ``d`` gives)."""
+    _check_fields(d, hints, f"{lead}{block}.")
+    if "hidden_act" in d and d["hidden_act"] not in activations:
+        raise ConfigError(f"{lead}{block}.hidden_act {d['hidden_act']!r} is not a transformers activation")
+    if "hidden_size" in d and "num_attention_heads" in d and d["hidden_size"] % d["num_attention_heads"]:
+        raise ConfigError(
+            f"{lead}{block}.hidden_size {d['hidden_size']} is not a multiple of "
+            f"{block}.num_attention_heads {d['num_attention_heads']}"
+        )
+
+
 def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> DualEncoderConfig:
     """Translate a transformers ``CLIPConfig`` / ``SiglipConfig`` dict (config.json) into a blipkit config.
 
@@ -156,32 +169,28 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> DualEnco
     kind = detect(raw)
     if kind is None:
         raise ConfigError(
-            f"{lead}model_type {raw.get('model_type')!r} / architectures {raw.get('architectures')!r} is not a "
-            "transformers CLIPModel ('clip') or SiglipModel ('siglip') config"
+            f"{lead}model_type {raw.get('model_type')!r} / architectures {raw.get('architectures')!r}: "
+            "not a transformers CLIPModel ('clip') or SiglipModel ('siglip') config"
         )
     _check_fields(raw, _TOP, lead)
     for block, hints in (("vision_config", _VISION), ("text_config", _TEXT)):
         if block not in raw:
             raise ConfigError(f"{lead}{block} is missing")
-        _check_fields(raw[block], hints, f"{lead}{block}.")
+        _check_tower(raw[block], hints, lead, block, ACT2FN)
 
-    try:
-        hf = DualEncoder.hf_config_class(kind).from_dict(dict(raw))
-    except (TypeError, ValueError) as e:
+    try:  # fields config.json leaves out take transformers' defaults here
+        hf = hf_config_class(kind).from_dict(dict(raw))
+    except Exception as e:  # ValueError, TypeError, huggingface_hub's StrictDataclassError
         raise ConfigError(f"{lead}transformers rejects this config: {e}") from None
     vision, text = hf.vision_config, hf.text_config
-    for block, tower in (("vision_config", vision), ("text_config", text)):
-        if tower.hidden_act not in ACT2FN:
-            raise ConfigError(f"{lead}{block}.hidden_act {tower.hidden_act!r} is not a transformers activation")
-        if tower.hidden_size % tower.num_attention_heads:
-            raise ConfigError(
-                f"{lead}{block}.hidden_size {tower.hidden_size} is not a multiple of "
-                f"{block}.num_attention_heads {tower.num_attention_heads}"
-            )
     if vision.num_channels != 3:
         raise ConfigError(f"{lead}vision_config.num_channels must be 3 (RGB), got {vision.num_channels}")
-    if kind == "clip" and not isinstance(text.eos_token_id, int):
-        raise ConfigError(f"{lead}text_config.eos_token_id is missing (CLIP pools the text at its EOS)")
+    eos = text.eos_token_id
+    if kind == "clip" and not (isinstance(eos, int) and 0 <= eos < text.vocab_size):
+        raise ConfigError(
+            f"{lead}text_config.eos_token_id must be a token id below vocab_size {text.vocab_size} "
+            f"(CLIP pools the text at its EOS), got {eos!r}"
+        )
     if kind == "siglip":
         if not vision.vision_use_head:
             raise ConfigError(
@@ -193,20 +202,19 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> DualEnco
                 f"{lead}text_config.projection_size {text_width} differs from vision_config.hidden_size "
                 f"{vision.hidden_size}: the two embeddings cannot be compared"
             )
-    max_tokens = raw["text_config"].get("max_position_embeddings", _DEFAULT_MAX_TOKENS[kind])
     return DualEncoderConfig(
         name=f"hf-{kind}",
         kind=kind,
         hf_config=raw,
         processor=default_processor(kind, vision.image_size).to_dict(),
         prompts=PromptConfig(classify="a photo of {}"),
-        text_max_tokens=max_tokens,
+        text_max_tokens=text.max_position_embeddings,
         text_padding=_PADDING[kind],
     )
 
 
 def default_processor(kind: str, image_size: int) -> ImageProcessor:
-    """transformers' CLIP / SigLIP image processor defaults for ``image_size`` inputs (no preprocessor file)."""
+    """transformers' CLIP / SigLIP image processor defaults for ``image_size``."""
     if kind == "clip":  # CLIPImageProcessor: shortest edge, centre crop, CLIP statistics
         return ImageProcessor(image_size=image_size, resize="shortest_edge", crop_size=image_size)
     return ImageProcessor(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # Siglip
@@ -224,7 +232,7 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def load_processor(path: Path, config: DualEncoderConfig) -> ImageProcessor:
-    """``preprocessor_config.json`` of ``path`` (the family's defaults without one), checked against the model."""
+    """``path``'s ``preprocessor_config.json`` (else the family's defaults), checked against the model."""
     file = path / "preprocessor_config.json"
     if file.exists():
         try:
@@ -233,10 +241,10 @@ def load_processor(path: Path, config: DualEncoderConfig) -> ImageProcessor:
             raise ConfigError(f"{file}: {e}") from None
     else:
         processor = ImageProcessor.from_dict(config.processor)
-    image_size = DualEncoder.hf_config_class(config.kind).from_dict(config.hf_config).vision_config.image_size
+    image_size = hf_config_class(config.kind).from_dict(config.hf_config).vision_config.image_size
     if processor.output_size != image_size:
         raise ConfigError(
-            f"{file}: gives {processor.output_size}x{processor.output_size} images but the vision tower takes "
+            f"{file}: gives {processor.output_size}x{processor.output_size} images; the vision tower takes "
             f"vision_config.image_size {image_size}"
         )
     return processor
@@ -267,5 +275,5 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> tuple[DualEncoder, A
     given = {k: v for k, v in state_dict.items() if k not in SKIPPED}
     check_state_dict(to_hf(model.state_dict()), given, str(path))
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in filter_hf(state_dict).items()}
-    model = fill(model, cast, str(path))
+    model = fill(model, cast, str(path)).requires_grad_(False)  # frozen, like every loaded tower
     return model, load_tokenizer(path), processor

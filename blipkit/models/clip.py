@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blipkit.config import PromptConfig
-from blipkit.errors import CapabilityError, CheckpointError, ConfigError
+from blipkit.errors import CheckpointError, ConfigError
 from blipkit.models.family import require
 from blipkit.state_dicts import load_strict
 
@@ -57,12 +57,11 @@ class DualEncoderConfig:
         return dataclasses.asdict(self)
 
 
-def _hf_configs(config: DualEncoderConfig) -> Any:
-    """The transformers ``CLIPConfig`` / ``SiglipConfig`` object of ``config.hf_config``."""
+def hf_config_class(kind: str) -> type:
+    """transformers' ``CLIPConfig`` or ``SiglipConfig``."""
     from transformers import CLIPConfig, SiglipConfig
 
-    cls = CLIPConfig if config.kind == "clip" else SiglipConfig
-    return cls.from_dict(dict(config.hf_config))
+    return CLIPConfig if kind == "clip" else SiglipConfig
 
 
 class DualEncoder(nn.Module):
@@ -79,7 +78,7 @@ class DualEncoder(nn.Module):
 
         self.config = config
         self.kind = config.kind
-        hf = _hf_configs(config)
+        hf = hf_config_class(config.kind).from_dict(dict(config.hf_config))
         if config.kind == "clip":
             self.vision = CLIPVisionModel._from_config(hf.vision_config)
             self.text = CLIPTextModel._from_config(hf.text_config)
@@ -156,16 +155,21 @@ class DualEncoder(nn.Module):
         self, features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
     ) -> Tensor:
         """(B, 1, E) image features, (B, T) texts -> (B,) probability that text i matches image i (SigLIP)."""
-        try:
-            require(self, "match", _NAMES[self.kind])
-        except CapabilityError as e:
-            raise CapabilityError(
-                f"{e} (CLIP has no match head: its scores only rank labels against each other; "
-                "use similarity or classify)"
-            ) from None
+        require(self, "match", _NAMES[self.kind])  # CLIP: CapabilityError, with why_not's reason
         image = self.image_embeddings(features)[:, 0]  # (B, E)
         text = self.text_embeddings(input_ids, attention_mask)  # (B, E)
         return self.logits((image * text).sum(dim=-1)).sigmoid()  # (B,)
+
+    def why_not(self, capability: str) -> str | None:
+        """Why a capability is missing (``family.require`` puts it in the ``CapabilityError``)."""
+        if capability == "match" and self.kind == "clip":
+            return (
+                "CLIP has no match head: its softmax only ranks labels against each other; "
+                "use similarity or classify"
+            )
+        if capability in ("caption", "ask", "chat"):
+            return "a dual encoder has no language model"
+        return None
 
 
 def empty(config: DualEncoderConfig) -> DualEncoder:
