@@ -24,6 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from blipkit.errors import EnvironmentProblem, UsageError
 
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+PYTORCH_BIN = "pytorch_model*.bin"  # only for repos without safetensors
 SKIPPED_FILE_PATTERNS = ["*.bin", "*.pth", "*.h5", "*.msgpack", "*.onnx"]
 DOWNLOAD_CLI = "hf download"
 LOGIN_CLI = "hf auth login"
@@ -54,8 +55,8 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
         offline_setting = _offline_setting()
         if offline_setting:
             raise request.not_cached(f"downloads are off ({offline_setting})") from not_cached
-    _check_hub_has_it(request)
-    return _downloaded_snapshot(request)
+    files = _check_hub_has_it(request)
+    return _downloaded_snapshot(request, files)
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,19 @@ def _offline_setting() -> str | None:
     return None
 
 
-def _snapshot_download(request: _HubRequest, *, local_files_only: bool) -> Path:
+def _snapshot_download(request: _HubRequest, *, local_files_only: bool, pytorch_bin: bool = False) -> Path:
+    """``pytorch_bin``: also the ``pytorch_model*.bin`` weights (repos without safetensors, such as the
+    original LLaVA's; blipkit reads them with ``torch.load(weights_only=True)``)."""
+    allow = [*MODEL_FILE_PATTERNS, *([PYTORCH_BIN] if pytorch_bin else [])]
+    ignore = [p for p in SKIPPED_FILE_PATTERNS if not (pytorch_bin and p == "*.bin")]
     folder = snapshot_download(
         request.repo_id,
         revision=request.revision,
         cache_dir=request.cache_dir,
         endpoint=request.endpoint,
         local_files_only=local_files_only,
-        allow_patterns=MODEL_FILE_PATTERNS,
-        ignore_patterns=SKIPPED_FILE_PATTERNS,
+        allow_patterns=allow,
+        ignore_patterns=ignore,
         etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
     )
     return Path(folder)
@@ -138,17 +143,20 @@ def _cached_snapshot(request: _HubRequest) -> Path:
     return _snapshot_download(request, local_files_only=True)
 
 
-def _check_hub_has_it(request: _HubRequest) -> None:
-    """Ask the hub (with a timeout) for the repo at the revision; raise a clear error when it cannot."""
+def _check_hub_has_it(request: _HubRequest) -> list[str]:
+    """Ask the hub (with a timeout) for the repo at the revision: its file names; a clear error when it
+    cannot."""
     with _hub_errors_explained(request):
-        HfApi(endpoint=request.endpoint).repo_info(
+        info = HfApi(endpoint=request.endpoint).repo_info(
             request.repo_id, revision=request.revision, timeout=constants.HF_HUB_ETAG_TIMEOUT
         )
+    return [s.rfilename for s in (getattr(info, "siblings", None) or [])]
 
 
-def _downloaded_snapshot(request: _HubRequest) -> Path:
+def _downloaded_snapshot(request: _HubRequest, files: list[str]) -> Path:
+    pytorch_bin = not any(f.endswith(".safetensors") for f in files)
     with _hub_errors_explained(request):
-        return _snapshot_download(request, local_files_only=False)
+        return _snapshot_download(request, local_files_only=False, pytorch_bin=pytorch_bin)
 
 
 @contextmanager

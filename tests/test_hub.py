@@ -161,6 +161,7 @@ def test_invalid_id_is_a_usage_error(hub_env):
 HUB_COMMIT = "4" * 40
 HUB_FILES = {
     "config.json": b'{"revision": "hub"}',
+    "model.safetensors": b"safetensors weights",
     "tokenizer.model": b"tokenizer",
     "chat_template.jinja": b"{{ messages }}",
     "pytorch_model.bin": b"pickled weights",
@@ -201,12 +202,14 @@ class FakeHub(BaseHTTPRequestHandler):
             return (
                 200,
                 {"Content-Type": "application/json"},
-                json.dumps({"id": REPO, "sha": HUB_COMMIT}).encode(),
+                json.dumps(
+                    {"id": REPO, "sha": HUB_COMMIT, "siblings": [{"rfilename": n} for n in self.files()]}
+                ).encode(),
             )
         if path == f"/api/models/{REPO}/tree/{HUB_COMMIT}":
             return 200, {"Content-Type": "application/json"}, json.dumps(self.tree()).encode()
-        if path.startswith(resolve_prefix) and path[len(resolve_prefix) :] in HUB_FILES:
-            body = HUB_FILES[path[len(resolve_prefix) :]]
+        if path.startswith(resolve_prefix) and path[len(resolve_prefix) :] in self.files():
+            body = self.files()[path[len(resolve_prefix) :]]
             return 200, {"X-Repo-Commit": HUB_COMMIT, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}, body
         if path.startswith("/api/models/owner/gated"):
             return 403, {"X-Error-Code": "GatedRepo"}, b"gated"
@@ -214,11 +217,15 @@ class FakeHub(BaseHTTPRequestHandler):
             return 404, {"X-Error-Code": "RevisionNotFound"}, b"no such revision"
         return 404, {"X-Error-Code": "RepoNotFound"}, b"no such repo"
 
-    @staticmethod
-    def tree() -> list[dict]:
+    files_served: dict[str, bytes] = HUB_FILES
+
+    def files(self) -> dict[str, bytes]:
+        return type(self).files_served
+
+    def tree(self) -> list[dict]:
         return [
             {"type": "file", "path": name, "size": len(body), "oid": hashlib.sha1(body).hexdigest()}
-            for name, body in HUB_FILES.items()
+            for name, body in self.files().items()
         ]
 
 
@@ -245,13 +252,27 @@ def test_download_takes_model_files_only_then_works_offline(fake_hub, hub_env, m
     assert sorted(path.name for path in folder.iterdir()) == [
         "chat_template.jinja",
         "config.json",
+        "model.safetensors",
         "tokenizer.model",
     ]
     downloaded = {path.rsplit("/", 1)[-1] for path in FakeHub.requested if "/resolve/" in path}
-    assert downloaded == {"chat_template.jinja", "config.json", "tokenizer.model"}
+    assert downloaded == {"chat_template.jinja", "config.json", "model.safetensors", "tokenizer.model"}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert snapshot(REPO) == folder
     assert snapshot(REPO, revision=HUB_COMMIT) == folder
+
+
+def test_repo_without_safetensors_gets_its_pytorch_weights(fake_hub, monkeypatch):
+    """Like the original LLaVA checkpoints: ``pytorch_model*.bin`` only, and then those are taken."""
+    bin_only = {k: v for k, v in HUB_FILES.items() if k != "model.safetensors"}
+    monkeypatch.setattr(FakeHub, "files_served", bin_only)
+    folder = snapshot(REPO)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "pytorch_model.bin",
+        "tokenizer.model",
+    ]
 
 
 @pytest.mark.parametrize(

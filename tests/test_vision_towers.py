@@ -117,33 +117,18 @@ def _pixels(n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(7))
 
 
-# transformers 5.24 saves Dinov2Model in its legacy names (attention.attention.query, attention.output.dense)
-# and renames them only inside from_pretrained; towers.build_tower checks the saved names against the new ones
-DINOV2_SAVED_NAMES = pytest.mark.xfail(
-    raises=CheckpointError,
-    reason="towers.build_tower does not convert Dinov2Model's saved (legacy) key names",
-)
-
 FEATURE_CASES = [
     ("clip", -1, "full"),
     ("clip", -2, "full"),  # BLIP-2's rule: the second-to-last block
-    pytest.param(  # the embeddings (after CLIP's pre_layrnorm)
-        "clip",
-        0,
-        "full",
-        marks=pytest.mark.xfail(
-            raises=IndexError,
-            reason="towers.py cuts every block for layer 0, and transformers then records no hidden state",
-        ),
-    ),
+    ("clip", 0, "full"),  # the embeddings (after CLIP's pre_layrnorm)
     ("clip-vision", -2, "default"),  # LLaVA's: patches only
     ("siglip", -2, "full"),
     ("siglip-vision", -1, "full"),
     ("siglip-vision", -1, "default"),  # no [CLS]: the same patches
-    pytest.param("dinov2", -2, "full", marks=DINOV2_SAVED_NAMES),
-    pytest.param("dinov2", 1, "default", marks=DINOV2_SAVED_NAMES),
+    ("dinov2", -2, "full"),
+    ("dinov2", 1, "default"),
     # last_hidden_state (final LayerNorm), [CLS] dropped
-    pytest.param("dinov2", -1, "default", marks=DINOV2_SAVED_NAMES),
+    ("dinov2", -1, "default"),
 ]
 
 
@@ -205,7 +190,7 @@ def assets(tmp_path_factory) -> Path:
 TRAIN_CASES = [
     pytest.param("clip", -2, "full", id="clip"),
     pytest.param("siglip-vision", -1, "full", id="siglip-vision"),
-    pytest.param("dinov2", -2, "default", id="dinov2", marks=DINOV2_SAVED_NAMES),
+    pytest.param("dinov2", -2, "default", id="dinov2"),
     pytest.param("eva", -1, "full", id="eva"),
 ]
 NUM_TOKENS = {"clip": 5, "siglip-vision": 4, "dinov2": 4, "eva": 5}

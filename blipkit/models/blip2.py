@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from blipkit.config import Blip2Config, BridgeConfig
 from blipkit.errors import ConfigError
 from blipkit.models.family import require
-from blipkit.models.llm_io import LLMInputs, positions_from_mask, takes
+from blipkit.models.llm_io import LLMInputs, dense_inputs, generate_decoder_only, positions_from_mask, takes
 from blipkit.models.qformer import QFormer
 
 LOSS_CONVENTIONS = ("generation", "transformers")
@@ -101,13 +101,6 @@ class Blip2Output:
     loss: Tensor | None = None
 
 
-def _dense_inputs(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: tensor inputs made contiguous. Generation feeds the output projection a strided slice
-    (the last position of each row); on CPU a bf16 matmul with such an input copies the whole weight matrix
-    per call, about 100x slower than the same product on a dense input."""
-    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
-
-
 def _check_width(what: str, got: int | None, expected: int, field: str) -> None:
     if got is not None and got != expected:
         raise ConfigError(f"{what} is {got} wide but the config's {field} is {expected}")
@@ -133,7 +126,7 @@ class Blip2(nn.Module):
             self._llm_takes_positions = takes(llm, "position_ids")
             head = llm.get_output_embeddings()
             if head is not None:
-                head.register_forward_pre_hook(_dense_inputs)
+                head.register_forward_pre_hook(dense_inputs)
 
     @property
     def has_llm(self) -> bool:
@@ -321,8 +314,7 @@ class Blip2(nn.Module):
         """
         if self.is_encoder_decoder:
             return self.llm.generate(inputs_embeds=inputs.embeds, attention_mask=inputs.mask, **kwargs)[:, 1:]
-        packed = inputs if inputs.packed else inputs.left_packed()
-        return self.llm.generate(inputs_embeds=packed.embeds, attention_mask=packed.mask, **kwargs)
+        return generate_decoder_only(self.llm, inputs, **kwargs)
 
     @torch.no_grad()
     def generate(

@@ -25,7 +25,10 @@ class LLMInputs:
     """The LLM's input sequence: [visual prompt; text] embeddings with their mask and position ids.
 
     ``prefix_len`` is the number of visual prompt positions at the front of every row (before any left
-    packing).
+    packing). ``text_columns`` (optional) records where each text column of the caller's ``input_ids`` sits in
+    the joined sequence, for layouts that splice the visual prompt inside the text (LLaVA: the image token's
+    column points at the last image position, whose logits predict the next text token); None means the
+    text follows the prefix, column t at ``prefix_len + t``.
     """
 
     embeds: Tensor  # (B, L, D)
@@ -33,19 +36,24 @@ class LLMInputs:
     position_ids: Tensor  # (B, L)
     prefix_len: int  # Q
     packed: bool = False  # padding moved to the front (decoder-only generation)
+    text_columns: Tensor | None = None  # (B, T) joined-sequence index of each text column
 
     def left_packed(self) -> LLMInputs:
         """The same rows with their padding moved to the front, keeping the order of real tokens."""
         order = torch.argsort(self.mask.to(torch.int8), dim=1, stable=True)  # zeros (padding) first
         embeds = self.embeds.gather(1, order[..., None].expand_as(self.embeds))
         mask = self.mask.gather(1, order)
-        return LLMInputs(embeds, mask, positions_from_mask(mask), self.prefix_len, packed=True)
+        columns = None
+        if self.text_columns is not None:  # where each old position went: the inverse permutation of order
+            columns = torch.argsort(order, dim=1).gather(1, self.text_columns)
+        return LLMInputs(embeds, mask, positions_from_mask(mask), self.prefix_len, True, columns)
 
     def text(self) -> LLMInputs:
         """The text columns alone, for an LLM whose key/value cache already holds the visual prompt; the mask
         still covers the cached positions, as the LLM's attention needs."""
         Q = self.prefix_len
-        return LLMInputs(self.embeds[:, Q:], self.mask, self.position_ids[:, Q:], 0)
+        columns = None if self.text_columns is None else self.text_columns - Q
+        return LLMInputs(self.embeds[:, Q:], self.mask, self.position_ids[:, Q:], 0, text_columns=columns)
 
 
 def cache_keyword(module: nn.Module) -> str:
@@ -61,3 +69,17 @@ def new_cache(llm: nn.Module) -> DynamicCache:
 def takes(module: nn.Module, name: str) -> bool:
     """Whether ``module.forward`` has a parameter called ``name``."""
     return name in inspect.signature(module.forward).parameters
+
+
+def generate_decoder_only(llm: nn.Module, inputs: LLMInputs, **kwargs) -> Tensor:
+    """New tokens (B, N) from transformers' ``generate`` of a decoder-only ``llm`` after ``inputs`` (greedy,
+    beams or sampling); the rows are left-packed first, as batched decoder-only generation needs."""
+    packed = inputs if inputs.packed else inputs.left_packed()
+    return llm.generate(inputs_embeds=packed.embeds, attention_mask=packed.mask, **kwargs)
+
+
+def dense_inputs(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: tensor inputs made contiguous. Generation feeds the output projection a strided slice
+    (the last position of each row); on CPU a bf16 matmul with such an input copies the whole weight matrix
+    per call, about 100x slower than the same product on a dense input."""
+    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)

@@ -85,13 +85,17 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
 class VisionTower(nn.Module):
     """A transformers vision model read at ``feature_layer`` (see the module docstring)."""
 
-    def __init__(self, kind: str, model: nn.Module, feature_layer: int | list[int] = -1, select: str = "full"):
+    def __init__(
+        self, kind: str, model: nn.Module, feature_layer: int | list[int] = -1, select: str = "full"
+    ):
         super().__init__()
         if select not in SELECTS:
             raise ConfigError(f"vision feature select {select!r} is not one of {list(SELECTS)}")
         layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
         if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ConfigError(f"feature_layer must be an int or a non-empty list of ints, got {feature_layer!r}")
+            raise ConfigError(
+                f"feature_layer must be an int or a non-empty list of ints, got {feature_layer!r}"
+            )
         self.kind = kind
         self.model = model
         self.feature_layer = feature_layer
@@ -106,9 +110,10 @@ class VisionTower(nn.Module):
         self.final_norm = kind == "dinov2" and feature_layer == -1
         self.layers = [i % num_states for i in layers]  # absolute hidden_states indices
         if not self.final_norm:
-            depth = max(self.layers)
-            blocks = _layer_list(model)
-            del blocks[depth:]  # never read: the features do not depend on them
+            # blocks past the deepest one read cannot change the features; one block stays even for layer 0,
+            # as transformers records the initial hidden state at the first block's input
+            depth = max(1, max(self.layers))
+            del _layer_list(model)[depth:]
             model.config.num_hidden_layers = depth
 
     @property
@@ -150,34 +155,77 @@ class VisionTower(nn.Module):
 
 
 # --- building ---------------------------------------------------------------------------------------------
-def normalize_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A vision model's state dict in transformers 5 names: the ``vision_model.`` prefix of transformers 4
-    ``*VisionModel`` saves removed, ``SKIPPED`` buffers dropped."""
+# transformers 5 renamed DINOv2's attention and SwiGLU weights in memory but still saves (and hub dirs hold)
+# the old names, converting them inside from_pretrained (conversion_mapping.py "Dinov2Model"); the same
+# renames, in order, so that the strict check sees the model's names
+RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "dinov2": (
+        ("attention.attention.query.", "attention.q_proj."),
+        ("attention.attention.key.", "attention.k_proj."),
+        ("attention.attention.value.", "attention.v_proj."),
+        ("attention.output.dense.", "attention.o_proj."),
+        ("mlp.weights_out.", "mlp.down_proj."),
+    ),
+}
+# fused tensors split along dim 0: source ending -> target endings (DINOv2 giant's SwiGLU input projection)
+SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "dinov2": {
+        "mlp.weights_in.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+        "mlp.weights_in.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+    },
+}
+
+
+def normalize_keys(kind: str, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ``kind`` vision model's state dict in transformers 5 in-memory names: the ``vision_model.`` prefix
+    of transformers 4 ``*VisionModel`` saves removed, ``RENAMES`` and ``SPLITS`` applied, ``SKIPPED``
+    buffers dropped."""
     prefixed = bool(state_dict) and all(k.startswith("vision_model.") for k in state_dict)
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix("vision_model.") if prefixed else key
-        if key not in SKIPPED:
+        if key in SKIPPED:
+            continue
+        for src, dst in RENAMES.get(kind, ()):
+            key = key.replace(src, dst)
+        split = next((s for s in SPLITS.get(kind, {}) if key.endswith(s)), None)
+        if split is None:
             out[key] = value
+            continue
+        targets = SPLITS[kind][split]
+        for target, part in zip(targets, value.chunk(len(targets), dim=0), strict=True):
+            out[key[: -len(split)] + target] = part.contiguous()
     return out
 
 
-def _read_source(kind: str, source: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(vision config dict, vision state dict) of a transformers dir: the vision part of a two-tower dir."""
-    file = source / "config.json"
+def _config_json(source: Path) -> tuple[str, dict[str, Any], bool]:
+    """(kind, vision config dict, whether the dir holds two towers) of a transformers dir."""
+    file = Path(source) / "config.json"
     try:
         raw = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read the vision tower's config ({e})") from None
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES or MODEL_TYPES[model_type][0] != kind:
-        known = [t for t, (k, _) in MODEL_TYPES.items() if k == kind]
-        raise ConfigError(f"{file}: model_type {model_type!r} is not a {kind} vision model (expected {known})")
-    if MODEL_TYPES[model_type][1]:  # CLIPModel / SiglipModel: take the vision part
-        if not isinstance(raw.get("vision_config"), dict):
-            raise ConfigError(f"{file}: vision_config is missing")
-        return raw["vision_config"], read_state_dict(source, "vision_model.")
-    return raw, read_state_dict(source)
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{file}: model_type {model_type!r} is not a vision tower ({sorted(MODEL_TYPES)})")
+    kind, two_tower = MODEL_TYPES[model_type]
+    if two_tower and not isinstance(raw.get("vision_config"), dict):
+        raise ConfigError(f"{file}: vision_config is missing")
+    return kind, raw["vision_config"] if two_tower else raw, two_tower
+
+
+def tower_config(source: Path) -> tuple[str, dict[str, Any]]:
+    """(kind, vision config dict) of a transformers dir: the vision part of a two-tower (CLIP/SigLIP) dir."""
+    kind, config, _ = _config_json(source)
+    return kind, config
+
+
+def _read_source(kind: str, source: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(vision config dict, vision state dict) of a transformers dir holding a ``kind`` tower."""
+    found, config, two_tower = _config_json(source)
+    if found != kind:
+        raise ConfigError(f"{source}/config.json holds a {found} vision model, not a {kind} one")
+    return config, read_state_dict(source, "vision_model." if two_tower else "")
 
 
 def build_tower(
@@ -198,9 +246,11 @@ def build_tower(
     if source is not None:
         hf_config, state_dict = _read_source(kind, Path(source))
     if hf_config is None or state_dict is None:
-        raise CheckpointError(f"{kind} vision tower: give a transformers dir (source) or hf_config + state_dict")
+        raise CheckpointError(
+            f"{kind} vision tower: give a transformers dir (source) or hf_config + state_dict"
+        )
     config = config_cls.from_dict(dict(hf_config))
-    state_dict = normalize_keys(state_dict)
+    state_dict = normalize_keys(kind, state_dict)
     with torch.device("meta"):
         expected = model_cls(config).state_dict()
     check_state_dict(expected, state_dict, f"{kind} vision tower")

@@ -190,6 +190,8 @@ class Trainer:
 
         processor = ImageProcessor.from_dict(self.model_cfg.processor)
         name = vision_cfg.pretrained or vision_cfg.kind
+        if (vision_cfg.feature_layer, vision_cfg.select) != (-1, "full"):  # other features of the same tower
+            name += f"@layer{vision_cfg.feature_layer}/{vision_cfg.select}"
         return cached_features(
             make_encoder,
             self.data.images,
