@@ -131,9 +131,14 @@ def get_template(name: str, prompts_vqa: str | None = None, separator: str | Non
 
 
 class TokenizerTemplate:
-    """The tokenizer's ``chat_template``, rendered by transformers, used like a ``Template``."""
+    """The tokenizer's ``chat_template``, rendered by transformers, used like a ``Template``.
+
+    Multimodal chat templates (llava-hf's) take OpenAI-style content parts and write the image placeholder
+    themselves; text-only ones take a string, and the placeholder is put before the first user message.
+    """
 
     name = TOKENIZER
+    _PROBE = "blipkit-probe"
 
     def __init__(self, tokenizer: Any, image: str = "", system: str | None = None):
         if not getattr(tokenizer, "chat_template", None):
@@ -141,16 +146,32 @@ class TokenizerTemplate:
         self.tokenizer = tokenizer
         self.image = image
         self.system = system
+        self.parts = bool(image) and self._takes_parts()
+
+    def _takes_parts(self) -> bool:
+        """Whether the template renders content parts, image included."""
+        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self._PROBE}]}]
+        try:
+            text = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that only reads strings
+            return False
+        return self._PROBE in text and self.image.strip() in text
 
     def with_image(self, placeholder: str) -> TokenizerTemplate:
         return TokenizerTemplate(self.tokenizer, placeholder, self.system)
 
-    def _messages(self, history: Sequence[tuple[str, str]], message: str) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
+    def _user(self, text: str, first: bool) -> Any:
+        if self.parts:
+            return [{"type": "image"}] * first + [{"type": "text", "text": text}]
+        return (self.image if first else "") + text
+
+    def _messages(self, history: Sequence[tuple[str, str]], message: str) -> list[dict[str, Any]]:
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         for i, (u, a) in enumerate(history):
-            msgs.append({"role": "user", "content": (self.image if i == 0 else "") + u.strip()})
-            msgs.append({"role": "assistant", "content": a.strip()})
-        msgs.append({"role": "user", "content": ("" if history else self.image) + message.strip()})
+            msgs.append({"role": "user", "content": self._user(u.strip(), i == 0)})
+            answer = [{"type": "text", "text": a.strip()}] if self.parts else a.strip()
+            msgs.append({"role": "assistant", "content": answer})
+        msgs.append({"role": "user", "content": self._user(message.strip(), not history)})
         return msgs
 
     def render(self, history: Sequence[tuple[str, str]], message: str, start: int = 0) -> str:
