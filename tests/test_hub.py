@@ -311,24 +311,56 @@ def test_existing_relative_dir_is_not_a_hub_id(tmp_path, monkeypatch):
     assert not is_hub_id("a/b")
 
 
-def test_load_by_hub_id_offline(hub_env, tmp_path):
-    """``blipkit.load("owner/name")`` and ``--model owner/name`` read a cached BLIP-2 with the hub offline."""
+def _build(family: str, path: Path) -> Path:
     from hf_tiny import make_blip2
+    from hf_tiny_clip import make_clip
+    from hf_tiny_llava import make_llava
 
+    {"blip2": lambda: make_blip2(path, llm="opt", num_query_tokens=4), "llava": lambda: make_llava(path),
+     "clip": lambda: make_clip(path)}[family]()  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("family", "repo_id"),
+    [("blip2", "Salesforce/tiny-blip2"), ("llava", "llava-hf/tiny-llava-hf"), ("clip", "openai/tiny-clip")],
+)
+def test_load_by_hub_id_offline(family, repo_id, hub_env, tmp_path):
+    """``blipkit.load(id)`` and ``--model id`` read a cached model of every family with the hub offline."""
     import blipkit
     from blipkit.cli import main
 
-    model_dir = tmp_path / "tiny-blip2"
-    make_blip2(model_dir, llm="opt", num_query_tokens=4)
-    add_to_cache(hub_env, "acme/tiny-blip2", MAIN_COMMIT, model_dir, ("main",))
-    by_id = blipkit.load("acme/tiny-blip2")
-    by_dir = blipkit.load(model_dir)
+    model_dir = _build(family, tmp_path / "model")
+    add_to_cache(hub_env, repo_id, MAIN_COMMIT, model_dir, ("main",))
+    by_id, by_dir = blipkit.load(repo_id), blipkit.load(model_dir)
+    assert by_id.path == hub_env / f"models--{repo_id.replace('/', '--')}" / "snapshots" / MAIN_COMMIT
     image = np.full((40, 40, 3), 200, dtype=np.uint8)
-    assert by_id.caption(image, max_new_tokens=5) == by_dir.caption(image, max_new_tokens=5)
-    assert by_id.path == hub_env / "models--acme--tiny-blip2" / "snapshots" / MAIN_COMMIT
+    if family == "clip":
+        torch.testing.assert_close(by_id.embed_images(image), by_dir.embed_images(image))
+    else:
+        assert by_id.caption(image, max_new_tokens=5) == by_dir.caption(image, max_new_tokens=5)
     with pytest.raises(EnvironmentProblem, match="acme/not-cached"):
         blipkit.load("acme/not-cached")
     assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", "acme/not-cached"]) == 1
+
+
+def test_original_llava_tower_by_hub_id(hub_env, tmp_path):
+    """The original LLaVA layout names its vision tower by hub id (``mm_vision_tower``): from the cache."""
+    from hf_tiny_llava import make_llava_original
+
+    import blipkit
+
+    hf_dir = _build("llava", tmp_path / "hf")
+    original = make_llava_original(tmp_path / "orig", hf_dir, image_aspect_ratio="square")
+    add_to_cache(hub_env, "openai/tiny-clip-tower", MAIN_COMMIT, original / "tower", ("main",))
+    config = json.loads((original / "config.json").read_text())
+    config["mm_vision_tower"] = "openai/tiny-clip-tower"
+    (original / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(original / "tower")
+    image = np.full((28, 28, 3), 120, dtype=np.uint8)
+    assert blipkit.load(original).ask(image, "what ?", max_new_tokens=5) == blipkit.load(hf_dir).ask(
+        image, "what ?", max_new_tokens=5
+    )
 
 
 def test_revision_is_for_hub_ids(tmp_path):
