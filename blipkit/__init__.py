@@ -9,6 +9,7 @@ import torch
 from blipkit.api import Chat, Model
 from blipkit.config import Blip2Config, get_config, list_configs, list_models
 from blipkit.loading import CheckpointError, load_checkpoint, save_checkpoint
+from blipkit.models.family import FAMILIES
 from blipkit.processing import ImageError, ImageProcessor, load_image
 
 __version__ = "0.1.0"
@@ -21,12 +22,20 @@ __all__ = [
     "Model",
     "get_config",
     "list_configs",
+    "list_families",
     "list_models",
     "load",
     "load_checkpoint",
     "load_image",
     "save_checkpoint",
 ]
+
+
+def list_families() -> dict[str, dict]:
+    """Every model family: what it covers, the checkpoint formats it loads, and what its models can do."""
+    import copy
+
+    return copy.deepcopy(FAMILIES)
 
 
 def load(

@@ -164,3 +164,19 @@ def test_server_embeddings_texts_and_images(dual, photos):
         chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]}
         r = c.post("/v1/chat/completions", json=chat)
         assert r.status_code == 400 and "cannot chat" in r.text
+
+
+def test_models_lists_families_and_capabilities(capsys):
+    assert set(blipkit.list_families()) == {"blip2", "llava", "clip"}
+    assert blipkit.list_models() == ["default"]
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "default" in out and "caption, ask, chat, embed, match" in out
+    assert "LlavaForConditionalGeneration" in out and "SiglipModel" in out
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["models"][0] == {
+        "name": "default",
+        "family": "blip2",
+        "capabilities": ["caption", "ask", "chat", "embed", "match"],
+    }
