@@ -12,7 +12,6 @@ fill``: ``load(path, dtype)`` returns the model, its tokenizer and its image pro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from blipkit.config import PromptConfig, check_type
 from blipkit.errors import CheckpointError, ConfigError
+from blipkit.loading import read_config
 from blipkit.models.clip import DualEncoder, DualEncoderConfig, empty, fill, hf_config_class
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, read_state_dict
@@ -221,22 +221,12 @@ def default_processor(kind: str, image_size: int) -> ImageProcessor:
 
 
 # --- loading ------------------------------------------------------------------------------------------------
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{file}: must hold a JSON object, got {type(d).__name__}")
-    return d
-
-
 def load_processor(path: Path, config: DualEncoderConfig) -> ImageProcessor:
     """``path``'s ``preprocessor_config.json`` (else the family's defaults), checked against the model."""
     file = path / "preprocessor_config.json"
     if file.exists():
         try:
-            processor = ImageProcessor.from_hf_dict(_read_json(file))
+            processor = ImageProcessor.from_hf_dict(read_config(file))
         except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from None
     else:
@@ -267,7 +257,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> tuple[DualEncoder, A
     key is a ``CheckpointError`` naming it. Floating-point tensors are cast to ``dtype``.
     """
     path = Path(path)
-    config = config_from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
+    config = config_from_hf(read_config(path / "config.json"), source=str(path / "config.json"))
     processor = load_processor(path, config)
     config.processor = processor.to_dict()
     state_dict = read_state_dict(path)

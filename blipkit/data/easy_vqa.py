@@ -77,6 +77,30 @@ def caption_for(attributes: dict[str, str]) -> str:
     return f"a {color} {shape}" if color else f"a {shape}"
 
 
+# prompts users type before a caption; stage 2 (``caption_prompts``) teaches them to continue with the caption
+USER_CAPTION_PROMPTS = (
+    "a photo of",
+    "a picture of",
+    "an image of",
+    "a photo of a",
+    "a picture of a",
+    "an image of a",
+    "this is",
+    "this is a",
+    "a drawing of",
+    "the image shows",
+)
+
+
+def continue_caption(prompt: str, caption: str) -> str:
+    """The words that continue ``prompt`` into ``caption``: "a photo of" + "a red circle", "a photo of a" +
+    "red circle" (a prompt that ends in the caption's article takes the rest)."""
+    article, _, rest = caption.partition(" ")
+    if rest and prompt.split()[-1:] == [article]:
+        return rest
+    return caption
+
+
 def image_paths(split: str) -> dict[int, str]:
     """{image id: png path} of a split."""
     return _load(split)[3]

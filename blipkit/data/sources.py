@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blipkit.data import easy_vqa
@@ -71,15 +72,21 @@ def stage2_set(
     caption_prompt: str,
     image_root: str | None = None,
     with_captions: bool = False,
+    caption_prompts: Sequence[str] = (),
 ) -> TrainingSet:
     """(prompt, target) pairs: VQA rows as ``vqa_template.format(question) -> answer``, captions as
-    ``caption_prompt -> caption`` (for VQA data only with ``with_captions``)."""
+    ``caption_prompt -> caption`` (for VQA data only with ``with_captions``); with ``caption_prompts``
+    each caption also comes once after one of them in turn ("a photo of" -> "a red circle")."""
     images, examples = read_examples(spec, image_root)
     out = TrainingSet(images)
     vqa = [e for e in examples if isinstance(e, VqaExample)]
     for e in vqa:
         out.add(e.image, vqa_template.format(e.question.strip()), e.answer, e.caption)
     if with_captions or not vqa:
-        for e in image_captions(examples):
+        captions = image_captions(examples)
+        for e in captions:
             out.add(e.image, caption_prompt, e.caption, e.caption)
+        for k, e in enumerate(captions if caption_prompts else []):
+            prompt = caption_prompts[k % len(caption_prompts)]
+            out.add(e.image, prompt, easy_vqa.continue_caption(prompt, e.caption), e.caption)
     return out

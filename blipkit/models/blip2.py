@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from blipkit.config import Blip2Config, BridgeConfig
 from blipkit.errors import ConfigError
 from blipkit.models.family import require
-from blipkit.models.llm_io import LLMInputs, dense_inputs, generate_decoder_only, positions_from_mask, takes
+from blipkit.models.llm_io import LLMInputs, attach, generate_decoder_only, positions_from_mask
 from blipkit.models.qformer import QFormer
 
 LOSS_CONVENTIONS = ("generation", "transformers")
@@ -123,10 +123,7 @@ class Blip2(nn.Module):
             width = llm.get_input_embeddings().embedding_dim
             _check_width("the language model", width, config.bridge.llm_hidden_size, "bridge.llm_hidden_size")
             self.bridge = make_bridge(config.bridge, config.qformer.hidden_size)
-            self._llm_takes_positions = takes(llm, "position_ids")
-            head = llm.get_output_embeddings()
-            if head is not None:
-                head.register_forward_pre_hook(dense_inputs)
+            self._llm_takes_positions = attach(llm)
 
     @property
     def has_llm(self) -> bool:

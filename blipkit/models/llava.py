@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from blipkit.config import LLMConfig, PromptConfig, check_type
 from blipkit.errors import ConfigError, UsageError
 from blipkit.models.blip2 import LOSS_CONVENTIONS, VISUAL_INPUTS, Visual
-from blipkit.models.llm_io import LLMInputs, dense_inputs, generate_decoder_only, positions_from_mask, takes
+from blipkit.models.llm_io import LLMInputs, attach, generate_decoder_only, positions_from_mask
 from blipkit.models.towers import TowerConfig, VisionTower
 
 PROJECTORS = ("linear", "mlp2x_gelu")
@@ -129,10 +129,7 @@ class Llava(nn.Module):
         if width is None:
             raise ConfigError("the vision tower must say its feature width (hidden_size)")
         self.projector = Projector(config.projector, width, llm.get_input_embeddings().embedding_dim)
-        self._llm_takes_positions = takes(llm, "position_ids")
-        head = llm.get_output_embeddings()
-        if head is not None:
-            head.register_forward_pre_hook(dense_inputs)
+        self._llm_takes_positions = attach(llm)
 
     @property
     def has_llm(self) -> bool:

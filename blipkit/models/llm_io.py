@@ -78,6 +78,15 @@ def generate_decoder_only(llm: nn.Module, inputs: LLMInputs, **kwargs) -> Tensor
     return llm.generate(inputs_embeds=packed.embeds, attention_mask=packed.mask, **kwargs)
 
 
+def attach(llm: nn.Module) -> bool:
+    """Prepare a frozen LLM for blipkit's calls (dense inputs to its output projection); returns whether its
+    forward takes ``position_ids``."""
+    head = llm.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(dense_inputs)
+    return takes(llm, "position_ids")
+
+
 def dense_inputs(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: tensor inputs made contiguous. Generation feeds the output projection a strided slice
     (the last position of each row); on CPU a bf16 matmul with such an input copies the whole weight matrix

@@ -30,7 +30,10 @@ class TrainConfig:
     data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl
     image_root: str | None = None  # where relative image paths start (default: the data file's folder)
     caption_examples: bool = False  # stage 2 on VQA data: also learn "prompts.caption -> caption" per image
-    views: int = 1  # cached feature views per image: 1 plain + (views - 1) augmented (size, position, flip)
+    caption_prompts: str = ""  # stage 2 with caption examples: "a photo of|this is|...": each caption also
+    # comes once after one of these prompts in turn, continued by its words ("a photo of a" -> "red circle")
+    views: int = 1  # cached feature views per image: 1 plain + (views - 1) augmented (colour, background,
+    # size, position, aspect ratio, flip, JPEG: ``blipkit.train.features.scene_view``)
     augment_prob: float = 0.5  # chance that an example uses one of its augmented views
     feature_cache: str | None = None  # default: <blipkit cache dir>/features
     max_text_tokens: int = 64  # Q-Former and LLM texts are cut to this many tokens

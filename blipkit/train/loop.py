@@ -177,7 +177,9 @@ class Trainer:
         if cfg.stage == "stage1":
             return stage1_set(cfg.data, cfg.image_root)
         prompts = self.model_cfg.prompts
-        return stage2_set(cfg.data, prompts.vqa, prompts.caption or "", cfg.image_root, cfg.caption_examples)
+        extra = [p.strip() for p in cfg.caption_prompts.split("|") if p.strip()]
+        caption = prompts.caption or ""
+        return stage2_set(cfg.data, prompts.vqa, caption, cfg.image_root, cfg.caption_examples, extra)
 
     def _features(self) -> np.ndarray:
         from blipkit import assets
