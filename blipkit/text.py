@@ -108,6 +108,8 @@ class TextSettings:
                 image_token=config.image_token,
                 image_token_index=config.image_token_index,
             )
+        if family == "caption":
+            return cls(config.prompts, 0, template=config.template)
         return cls(config.prompts, 0, config.text_max_tokens, config.text_padding)
 
 
@@ -143,8 +145,10 @@ class TextProcessor:
         s = self.settings
         if self.llm_tokenizer is None:
             return None
-        if s.template == TOKENIZER:
+        if s.template == TOKENIZER and getattr(self.llm_tokenizer, "chat_template", None):
             t: Template | TokenizerTemplate = TokenizerTemplate(self.llm_tokenizer)
+        elif s.template == TOKENIZER:  # a plain LLM: BLIP-2's "Question: {} Answer:"
+            t = get_template("blip2", self.prompts.vqa, self.prompts.chat_separator)
         else:
             t = get_template(s.template, self.prompts.vqa, self.prompts.chat_separator)
         return t.with_image(s.image_token + "\n") if s.image_token else t
@@ -277,15 +281,22 @@ class TextProcessor:
             return text
         return self.template.render([], text or "Describe the image.")
 
-    def question(self, question: str) -> str:
-        """A question in the model's template ("Question: {} Answer:" for BLIP-2)."""
+    def question(self, question: str, template: Template | TokenizerTemplate | None = None) -> str:
+        """A question in the model's template ("Question: {} Answer:" for BLIP-2), or in ``template``."""
         if not question.strip():
             raise UsageError("the question is empty")
-        if self.template is None:
+        template = template or self.template
+        if template is None:
             return fill(self.prompts.vqa, question)
-        return self.template.render([], question)
+        return template.render([], question)
 
-    def chat(self, history: Sequence[tuple[str, str]], message: str, max_new_tokens: int) -> Prompt:
+    def chat(
+        self,
+        history: Sequence[tuple[str, str]],
+        message: str,
+        max_new_tokens: int,
+        template: Template | TokenizerTemplate | None = None,
+    ) -> Prompt:
         """The prompt for ``message`` after ``history``: the most recent turns that fit each window.
 
         Turns are counted one by one (linear in the history), then the chosen text is checked exactly; a
@@ -293,7 +304,7 @@ class TextProcessor:
         """
         self.question(message)  # an empty message is a usage error
         budget = self.llm_budget(max_new_tokens)
-        template = self.template
+        template = template or self.template
 
         def render(start: int) -> str:
             return template.render(history, message, start)

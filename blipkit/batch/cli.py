@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 
 from blipkit.batch.files import iter_images, missing_paths
-from blipkit.batch.job import Job, default_workers
-from blipkit.batch.writers import FORMATS, open_sink
+from blipkit.batch.job import Job, Summary, default_workers
+from blipkit.batch.writers import FORMATS, Sink, open_sink
 from blipkit.errors import EXIT_USAGE, UsageError
 
 
@@ -64,7 +64,7 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
 SUFFIXES = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _format(args: argparse.Namespace) -> str:
+def output_format(args: argparse.Namespace) -> str:
     """``--format``, or the format ``--out``'s suffix names (JSONL on stdout)."""
     if args.format:
         return args.format
@@ -85,7 +85,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     return Job(
         paths=args.paths,
         out=args.out,
-        format=_format(args),
+        format=output_format(args),
         recursive=args.recursive,
         overwrite=args.overwrite,
         prompt=args.prompt,
@@ -103,25 +103,36 @@ def job_from_args(args: argparse.Namespace) -> Job:
     )
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    missing = missing_paths(args.paths)
+def report_missing(paths: list[str]) -> bool:
+    """Print the error for the first path that does not exist; True if there was one."""
+    missing = missing_paths(paths)
     if missing:
         print(f"blipkit: error: no such file or folder: {missing[0]}", file=sys.stderr)
-        return EXIT_USAGE
-    job = job_from_args(args)
+    return bool(missing)
+
+
+def run_job(job: Job, run: Callable[[Job, Sink], Summary], **sink_options) -> int:
+    """Open ``job``'s output (``open_sink`` with ``sink_options``), ``run`` it, close it, print the summary.
+
+    Returns the exit code: 0, or 3 when some images failed. No images at all is a ``UsageError``.
+    """
     if next(iter_images(job.paths, job.recursive), None) is None:
         raise UsageError("no images found in " + " ".join(job.paths))
-    sink = open_sink(job.format, job.out, job.overwrite)
+    sink = open_sink(job.format, job.out, job.overwrite, **sink_options)
     try:
-        if args.engine == "ray":
-            from blipkit.batch.ray_engine import run_ray
-
-            summary = run_ray(job, sink)
-        else:
-            from blipkit.batch.local import run_local
-
-            summary = run_local(job, sink)
+        summary = run(job, sink)
     finally:
         sink.close()
     print(summary.line(), file=sys.stderr)
     return summary.exit_code
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    if report_missing(args.paths):
+        return EXIT_USAGE
+    job = job_from_args(args)
+    if args.engine == "ray":
+        from blipkit.batch.ray_engine import run_ray as run
+    else:
+        from blipkit.batch.local import run_local as run
+    return run_job(job, run)

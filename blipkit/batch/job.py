@@ -1,4 +1,4 @@
-"""What a captioning run is asked to do, what it did, and the pieces both engines share."""
+"""What a batch run (captioning, tagging) is asked to do, what it did, and the pieces the engines share."""
 
 from __future__ import annotations
 
@@ -47,17 +47,18 @@ class Job:
 
 @dataclass
 class Summary:
-    captioned: int = 0
+    captioned: int = 0  # images with a result (a caption, or tags)
     skipped: int = 0
     failed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    verb: str = "captioned"  # what ``line()`` says was done to the ``captioned`` ones
 
     @property
     def exit_code(self) -> int:
         return EXIT_SOME_FAILED if self.failed else EXIT_OK
 
     def line(self) -> str:
-        return f"captioned {self.captioned}, skipped {self.skipped}, failed {self.failed}"
+        return f"{self.verb} {self.captioned}, skipped {self.skipped}, failed {self.failed}"
 
 
 def pending(job: Job, sink: Sink, summary: Summary) -> Iterator[Item]:
@@ -81,25 +82,26 @@ def pending(job: Job, sink: Sink, summary: Summary) -> Iterator[Item]:
         yield key, str(path)
 
 
-def result_rows(keys: list[str], captions: dict[str, str], errors: dict[str, str]) -> list[dict]:
-    """Output rows in input order: ``{"path", "caption"}`` or ``{"path", "error"}``."""
+def result_rows(
+    keys: list[str], results: dict[str, object], errors: dict[str, str], column: str = "caption"
+) -> list[dict]:
+    """Output rows in input order: ``{"path", column}`` (``"caption"``) or ``{"path", "error"}``."""
     return [
-        {"path": k, "caption": captions[k]} if k in captions else {"path": k, "error": errors[k]}
-        for k in keys
+        {"path": k, column: results[k]} if k in results else {"path": k, "error": errors[k]} for k in keys
     ]
 
 
 class Progress:
     """A tqdm bar (images/s, ETA) on stderr; the files are counted in a background thread for the total."""
 
-    def __init__(self, job: Job, summary: Summary, enabled: bool | None = None):
+    def __init__(self, job: Job, summary: Summary, enabled: bool | None = None, desc: str = "caption"):
         self.summary = summary
         self.found: int | None = None
         self.bar = None
         if enabled if enabled is not None else (job.progress or sys.stderr.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=None, unit="img", desc="caption", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=None, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True)
             threading.Thread(target=self._count, args=(job,), daemon=True).start()
 
     def _count(self, job: Job) -> None:

@@ -1,15 +1,20 @@
-"""The local engine: lazy listing -> worker decoding -> batched captioning -> resumable output."""
+"""The local engine: lazy listing -> worker decoding -> batched model calls -> resumable output."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
 
 import torch
+from torch import Tensor
 
 from blipkit.batch.decode import batches
 from blipkit.batch.generate import Captioner
 from blipkit.batch.job import Job, Progress, Summary, pending, result_rows, usable_cpus
 from blipkit.batch.writers import Sink
+from blipkit.processing import ImageProcessor
+
+Predict = Callable[[Tensor], list]  # (B, 3, S, S) pixels -> one result per image
 
 
 def model_threads() -> int:
@@ -21,30 +26,50 @@ def model_threads() -> int:
 
 def run_local(job: Job, sink: Sink) -> Summary:
     """Caption every pending image of ``job`` into ``sink``; results are written batch by batch."""
-    import blipkit
 
-    summary = Summary()
+    def load() -> tuple[ImageProcessor, Predict]:
+        import blipkit
+
+        model = blipkit.load(
+            job.model,
+            dtype=job.dtype,
+            device=job.device,
+            batch_size=job.batch_size,
+            trust_remote_code=job.trust_remote_code,
+        )
+        return model.processor, Captioner(model, job.prompt, job.max_new_tokens, job.num_beams)
+
+    return run_pending(job, sink, load)
+
+
+def run_pending(
+    job: Job,
+    sink: Sink,
+    load: Callable[[], tuple[ImageProcessor, Predict]],
+    column: str = "caption",
+    verb: str = "captioned",
+    desc: str = "caption",
+) -> Summary:
+    """Run ``predict`` on every pending image of ``job``; rows ``{"path", column}`` go to ``sink`` per batch.
+
+    ``load()`` gives the model's (processor, predict); it is called only when some image is pending. ``verb``
+    and ``desc`` name the work in the summary line and on the progress bar.
+    """
+    summary = Summary(verb=verb)
     items = pending(job, sink, summary)
     first = next(items, None)
     if first is None:  # everything is in the output already: no need for the model
         return summary
     torch.set_num_threads(job.threads or model_threads())
-    model = blipkit.load(
-        job.model,
-        dtype=job.dtype,
-        device=job.device,
-        batch_size=job.batch_size,
-        trust_remote_code=job.trust_remote_code,
-    )
-    captioner = Captioner(model, job.prompt, job.max_new_tokens, job.num_beams)
-    progress = Progress(job, summary)
+    processor, predict = load()
+    progress = Progress(job, summary, desc=desc)
     try:
-        for batch in batches(model.processor, chain([first], items), job.batch_size, job.workers):
-            captions = {}
+        for batch in batches(processor, chain([first], items), job.batch_size, job.workers):
+            results = {}
             if batch.pixels is not None:
-                captions = dict(zip(batch.ok, captioner(batch.pixels), strict=True))
-            sink.write(result_rows(batch.keys, captions, batch.errors))
-            summary.captioned += len(captions)
+                results = dict(zip(batch.ok, predict(batch.pixels), strict=True))
+            sink.write(result_rows(batch.keys, results, batch.errors, column))
+            summary.captioned += len(results)
             summary.failed += len(batch.errors)
             progress.update(len(batch.keys))
     finally:

@@ -1,15 +1,17 @@
 """Output sinks that survive ``kill -9`` and resume: JSONL, CSV, Parquet and sidecar ``.txt`` files.
 
 Every sink answers ``is_done(path)`` (already in the output) and ``conflict(path)`` (why it cannot hold that
-image), takes rows ``{"path", "caption"}`` or ``{"path", "error"}`` and is closed at the end. A sink holds an
-exclusive lock on its output file from start to close (see ``lock.py``). JSONL is appended in whole lines (a
-torn last line is cut off on resume); CSV and Parquet are rewritten to a temporary file and renamed over the
-output, so a kill leaves the previous file or the new one, never a mix. A write that fails (a full disk) is
-undone before the error is raised, so the output is always as it was after the last good batch.
+image), takes rows ``{"path", "caption"}`` (or another result, e.g. ``"tags"``) or ``{"path", "error"}`` and
+is closed at the end. A sink holds an exclusive lock on its output file from start to close (see ``lock.py``).
+JSONL is appended in whole lines (a torn last line is cut off on resume); CSV and Parquet are rewritten to a
+temporary file and renamed over the output, so a kill leaves the previous file or the new one, never a mix. A
+write that fails (a full disk) is undone before the error is raised, so the output is always as it was after
+the last good batch.
 
 File names are data: JSONL escapes newlines and every non-ASCII character, so U+2028 and the surrogates that
 stand for bytes that are not UTF-8 round-trip exactly; CSV and Parquet hold UTF-8 text, where such bytes are
-written ``\\xNN`` (as ``ls -b`` does).
+written ``\\xNN`` (as ``ls -b`` does). A result that is not text (``blipkit tag``'s list of tags) is a JSON
+string in CSV and Parquet cells.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from blipkit.extras import require
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 COLUMNS = ("path", "caption", "error")
+SidecarText = Callable[[dict], str]  # a result row -> the text of its sidecar file
 
 
 class Sink(Protocol):
@@ -76,6 +79,13 @@ def as_text(value: str | None) -> str | None:
     if value is None:
         return None
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def as_cell(value: object) -> str | None:
+    """A CSV/Parquet cell: text as ``as_text``, anything else (a list of tags) as JSON."""
+    if value is None or isinstance(value, str):
+        return as_text(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 class JsonlSink:
@@ -145,9 +155,15 @@ class _SnapshotSink:
     """Buffers rows; every ``flush_seconds`` writes old file + new rows to a temp file and renames it."""
 
     def __init__(
-        self, out: Path, overwrite: bool = False, flush_seconds: float = 5.0, flush_rows: int = 4096
+        self,
+        out: Path,
+        overwrite: bool = False,
+        flush_seconds: float = 5.0,
+        flush_rows: int = 4096,
+        columns: tuple[str, ...] = COLUMNS,
     ):
         self.out = out
+        self.columns = columns
         self.tmp = out.with_name(out.name + ".tmp")
         self._lock = OutputLock(out).acquire()
         with _released_on_error(self._lock):
@@ -174,7 +190,7 @@ class _SnapshotSink:
         if not self.pending and not self.fresh:
             return
         with _undone_on_error(self.out, lambda: self.tmp.unlink(missing_ok=True)):
-            self._snapshot([{c: as_text(r.get(c)) for c in COLUMNS} for r in self.pending])
+            self._snapshot([{c: as_cell(r.get(c)) for c in self.columns} for r in self.pending])
             _replace(self.tmp, self.out)
         self.pending = []
         self.fresh = False
@@ -189,42 +205,54 @@ class _SnapshotSink:
     def _read_paths(self) -> set[str]:
         raise NotImplementedError
 
+    def _check_columns(self, found: list[str] | None) -> None:
+        """An existing output with other columns (another command's) is a ``UsageError``, never mixed."""
+        if found is not None and list(found) != list(self.columns):
+            raise UsageError(
+                f"{self.out} has columns {', '.join(found)}, not {', '.join(self.columns)}: it was "
+                "written by another command; give another --out, or --overwrite to replace it"
+            )
+
     def _snapshot(self, rows: list[dict]) -> None:
         raise NotImplementedError
 
 
 class CsvSink(_SnapshotSink):
-    """CSV with a ``path,caption,error`` header."""
+    """CSV with a ``path,caption,error`` header (or the sink's other ``columns``)."""
 
     def _read_paths(self) -> set[str]:
         with open(self.out, newline="", encoding="utf-8") as f:
-            return {row["path"] for row in csv.DictReader(f)}
+            reader = csv.DictReader(f)
+            self._check_columns(reader.fieldnames)
+            return {row["path"] for row in reader}
 
     def _snapshot(self, rows: list[dict]) -> None:
         with open(self.tmp, "w", newline="", encoding="utf-8") as f:
             if self.fresh:
-                csv.writer(f).writerow(COLUMNS)
+                csv.writer(f).writerow(self.columns)
             else:
                 with open(self.out, newline="", encoding="utf-8") as old:
                     while chunk := old.read(1 << 20):
                         f.write(chunk)
             buf = io.StringIO()
-            csv.DictWriter(buf, COLUMNS).writerows(rows)
+            csv.DictWriter(buf, self.columns).writerows(rows)
             f.write(buf.getvalue())
 
 
 class ParquetSink(_SnapshotSink):
-    """Parquet (columns path, caption, error); each snapshot adds one row group to the previous ones."""
+    """Parquet (string columns path, caption, error, or the sink's other ``columns``); each snapshot adds one
+    row group to the previous ones."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, out: Path, overwrite: bool = False, columns: tuple[str, ...] = COLUMNS, **kwargs):
         pa = require("pyarrow", "Parquet output", "parquet")
 
-        self.schema = pa.schema([(c, pa.string()) for c in COLUMNS])
-        super().__init__(*args, **kwargs)
+        self.schema = pa.schema([(c, pa.string()) for c in columns])
+        super().__init__(out, overwrite, columns=columns, **kwargs)
 
     def _read_paths(self) -> set[str]:
         import pyarrow.parquet as pq
 
+        self._check_columns(pq.read_schema(self.out).names)
         return set(pq.read_table(self.out, columns=["path"]).column("path").to_pylist())
 
     def _snapshot(self, rows: list[dict]) -> None:
@@ -246,16 +274,21 @@ def sidecar(path: str) -> Path:
     return Path(path).with_suffix(".txt")
 
 
+def caption_text(row: dict) -> str:
+    return row["caption"]
+
+
 class SidecarSink:
-    """One ``<image-stem>.txt`` per captioned image; failures go to ``errors`` (a JSONL sink).
+    """One ``<image-stem>.txt`` per captioned image, holding ``text(row)``; failures go to ``errors`` (JSONL).
 
     Of the images of a folder that share a stem (``a.jpg``, ``a.png``), the sidecar is for the first by name;
     the others get an error row.
     """
 
-    def __init__(self, errors: JsonlSink, overwrite: bool = False):
+    def __init__(self, errors: JsonlSink, overwrite: bool = False, text: SidecarText = caption_text):
         self.errors = errors
         self.overwrite = overwrite
+        self.text = text
         self._shared: dict[str, dict[str, str]] = {}  # folder -> {sidecar name shared by images: its image}
 
     def _owners(self, folder: str) -> dict[str, str]:
@@ -283,11 +316,11 @@ class SidecarSink:
     def write(self, rows: list[dict]) -> None:
         failed = [r for r in rows if "error" in r]
         for r in rows:
-            if "caption" in r:
+            if "error" not in r:
                 target = sidecar(r["path"])
                 tmp = target.with_name(target.name + ".tmp")
                 with _undone_on_error(target, lambda tmp=tmp: tmp.unlink(missing_ok=True)):
-                    tmp.write_text(r["caption"] + "\n", encoding="utf-8")
+                    tmp.write_text(self.text(r) + "\n", encoding="utf-8")
                     os.replace(tmp, target)
         if failed:
             self.errors.write(failed)
@@ -296,17 +329,26 @@ class SidecarSink:
         self.errors.close()
 
 
-def open_sink(fmt: str, out: str | os.PathLike | None, overwrite: bool = False) -> Sink:
-    """The sink for ``fmt``; an existing ``out`` is resumed unless ``overwrite``."""
+def open_sink(
+    fmt: str,
+    out: str | os.PathLike | None,
+    overwrite: bool = False,
+    columns: tuple[str, ...] = COLUMNS,
+    text: SidecarText = caption_text,
+) -> Sink:
+    """The sink for ``fmt``; an existing ``out`` is resumed unless ``overwrite``.
+
+    ``columns`` are those of CSV and Parquet outputs; ``text`` makes a sidecar's text from a result row.
+    """
     path = Path(out) if out is not None else None
     if fmt == "jsonl":
         return JsonlSink(path, overwrite)
     if fmt == "txt":
-        return SidecarSink(JsonlSink(path, overwrite), overwrite)
+        return SidecarSink(JsonlSink(path, overwrite), overwrite, text)
     if path is None:
         raise UsageError(f"--format {fmt} needs --out FILE")
     if fmt == "csv":
-        return CsvSink(path, overwrite)
+        return CsvSink(path, overwrite, columns=columns)
     if fmt == "parquet":
-        return ParquetSink(path, overwrite)
+        return ParquetSink(path, overwrite, columns=columns)
     raise UsageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

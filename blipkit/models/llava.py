@@ -16,11 +16,15 @@ repo's layout, which is never looked up in the embedding table). The joined row 
 so the image sits where the prompt put it, not in front. ``LLMInputs.text_columns`` (B, T) maps each text
 column to its joined position (the image token's column to the last image position, whose logits predict the
 token after the image), so logits and labels stay aligned with ``input_ids``.
+
+With ``pool = k > 1`` the tower's square g x g patch grid is averaged over k x k blocks before the projector
+(``pool_patches``, as the default-llava model reads DINOv2): P = (g / k)^2 rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +64,7 @@ class LlavaConfig:
     vision: TowerConfig = field(default_factory=TowerConfig)
     feature_layer: int | list[int] = -2  # hidden_states index of the tower (a list: concatenated layers)
     select: str = "default"  # "default": drop the tower's CLS token; "full": keep every token
+    pool: int = 1  # average k x k blocks of the patch grid before the projector (1: every patch)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     image_token_index: int = ORIGINAL_IMAGE_TOKEN_INDEX  # the id that marks the image in input_ids
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -88,6 +93,18 @@ class LlavaConfig:
 class LlavaOutput:
     logits: Tensor  # (B, T, V) at the text columns: logits[:, t] predicts text token t + 1
     loss: Tensor | None = None
+
+
+def pool_patches(features: Tensor, k: int) -> Tensor:
+    """(B, g*g, D) patch features of a square g x g grid -> (B, (g/k)^2, D) means of k x k blocks."""
+    if k == 1:
+        return features
+    B, P, D = features.shape
+    g = math.isqrt(P)
+    if g * g != P or g % k:
+        raise ConfigError(f"pool={k} needs a square patch grid divisible by {k}; got {P} feature rows")
+    grid = features.transpose(1, 2).reshape(B, D, g, g)  # (B, D, g, g)
+    return F.avg_pool2d(grid, k).flatten(2).transpose(1, 2)  # (B, (g/k)^2, D)
 
 
 class Projector(nn.Module):
@@ -128,6 +145,9 @@ class Llava(nn.Module):
         width = getattr(vision, "hidden_size", None)
         if width is None:
             raise ConfigError("the vision tower must say its feature width (hidden_size)")
+        with_cls = config.select == "full" and getattr(vision, "has_cls", True)
+        if config.pool < 1 or (config.pool > 1 and with_cls):
+            raise ConfigError(f"pool={config.pool}: must be >= 1, and > 1 only on patches (select 'default')")
         self.projector = Projector(config.projector, width, llm.get_input_embeddings().embedding_dim)
         self._llm_takes_positions = attach(llm)
 
@@ -140,8 +160,8 @@ class Llava(nn.Module):
 
     @property
     def num_visual_tokens(self) -> int:
-        """LLM positions the image takes: the tower's patches (+ CLS with ``select="full"``)."""
-        return self.vision.num_tokens
+        """LLM positions the image takes: the tower's patches (+ CLS with ``select="full"``), / pool^2."""
+        return self.vision.num_tokens // self.config.pool**2
 
     # --- stage 1: the visual prompt ------------------------------------------------------------------------
     def encode_image(self, pixel_values: Tensor) -> Tensor:
@@ -151,13 +171,15 @@ class Llava(nn.Module):
         return feats.to(self.projector.linear_1.weight.dtype)
 
     def visual_prompt(self, visual: Visual) -> Tensor:
-        """Projected patches (B, P, Dl) in the LLM's dtype, from whichever stage ``visual`` holds."""
+        """Projected patches (B, P, Dl) in the LLM's dtype, from whichever stage ``visual`` holds
+        (``image_embeds`` are the tower's features, before ``pool``)."""
         prefix = visual.prefix
         if prefix is None:
             embeds = visual.image_embeds
             if embeds is None:
                 embeds = self.encode_image(visual.pixel_values)
-            prefix = self.projector(embeds.to(self.projector.linear_1.weight.dtype))  # (B, P, Dl)
+            embeds = pool_patches(embeds.to(self.projector.linear_1.weight.dtype), self.config.pool)
+            prefix = self.projector(embeds)  # (B, P, Dl)
         return prefix.to(self.llm.get_input_embeddings().weight.dtype)
 
     # --- stage 2: the LLM's inputs ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -47,6 +48,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 TRIM_AFTER_PIXELS = 2_000_000  # decodes this large give their memory back to the OS afterwards
 FETCH_WORKERS = 32
 MAX_EMBEDDING_INPUTS = 2048
+CAPTION_CACHE = 256  # captions kept per image hash by caption-then-LLM servers
 
 
 class Server:
@@ -78,6 +80,8 @@ class Server:
         self.fetcher = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="blipkit-fetch")
         self.engine = engine
         self.lock = engine.lock if engine is not None else threading.Lock()
+        self.via_caption = model.family == "caption"
+        self.captions: OrderedDict[str, str] = OrderedDict()  # image hash -> caption (bridge models)
         self.created = int(time.time())
 
     def check_model(self, requested: str | None) -> None:
@@ -118,12 +122,29 @@ class Server:
             return await asyncio.get_running_loop().run_in_executor(self.fetcher, self.download, url, param)
         return await asyncio.to_thread(decode_data_uri, url, self.max_image_bytes, param)
 
+    def caption_prompt(self, key: str, pixels: Any, req: ChatRequest) -> Prompt:
+        """Blocking: the bridge's prompt for the request, with its image's caption (kept per image)."""
+        caption = self.captions.pop(key, None)
+        if caption is None:
+            caption = self.model.describe(pixels)[0]
+        self.captions[key] = caption
+        while len(self.captions) > CAPTION_CACHE:
+            self.captions.popitem(last=False)
+        if req.message is None:  # an image without a question: its caption
+            return self.model.text.prompt(f"Describe the image. {caption}", req.max_tokens)
+        try:
+            return self.model.text.chat(
+                req.history, req.message, req.max_tokens, self.model.template_for(caption)
+            )
+        except UsageError as e:
+            raise APIError(str(e), 400, "context_length_exceeded", "max_tokens") from e
+
     def decode(self, req: ChatRequest, data: bytes | None) -> tuple[str, Any, Any]:
         """Blocking: (hash, cached features, pixels) of a data URI's or a download's bytes."""
         if data is None:
             data = decode_data_uri(req.image_url, self.max_image_bytes, req.image_param)
         key = image_hash(data)
-        features = self.engine.cached(key)
+        features = None if self.via_caption else self.engine.cached(key)
         if features is not None:
             return key, features, None
         return key, None, self.pixels(data, req.image_param)
@@ -403,7 +424,10 @@ def create_app(
                 "model",
             )
         key, features, pixels = await srv.image(req)
-        prompt = await asyncio.to_thread(fitted_prompt, engine, req)  # tokenising is work: off the loop
+        if srv.via_caption:  # the caption-then-LLM bridge: the caption, not the image, reaches the LLM
+            prompt = await asyncio.to_thread(srv.caption_prompt, key, pixels, req)
+        else:
+            prompt = await asyncio.to_thread(fitted_prompt, engine, req)  # tokenising is work: off the loop
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -421,7 +445,10 @@ def create_app(
             top_p=req.top_p,
             stream=req.stream,
         )
-        engine.submit(job)
+        if srv.via_caption:
+            loop.run_in_executor(None, engine.run_text, job)
+        else:
+            engine.submit(job)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": srv.name}
         if req.stream:
             return StreamingResponse(

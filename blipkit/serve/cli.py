@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from blipkit.cli_options import add_via_caption, load_model
 from blipkit.errors import EXIT_CRASH, EXIT_USAGE
 
 MISSING = "blipkit serve needs FastAPI and uvicorn: pip install 'blipkit[serve]'"
@@ -109,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction, add_model_args: Callable) -
         help="also cap the image cache's tensors at this many MB (LRU)",
     )
     add_model_args(p)
+    add_via_caption(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -137,7 +139,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         print(f"blipkit: error: {MISSING}", file=sys.stderr)
         return EXIT_USAGE
-    import blipkit
 
     try:
         sock = bind(args.host, args.port)
@@ -146,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"blipkit: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return EXIT_CRASH
     with sock:
-        model = blipkit.load(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args)
         app = create_app(
             model,
             model_name=Path(args.model).name or args.model,

@@ -158,6 +158,21 @@ class Engine:
         self.start()
         self._queue.put(job)
 
+    def run_text(self, job: Job) -> None:
+        """Generate for one job whose prompt holds all the model reads (the caption-then-LLM bridge: no image
+        tokens, so no image cache nor batching by image); events reach ``job.emit`` as for batched jobs."""
+        try:
+            with self.lock:
+                self.model.complete(
+                    None, [job.prompt], job.max_tokens, job.sampling, lambda _, t: self.deliver(job, t)
+                )
+            if not job.finished:
+                self._finish(job, "length")
+        except Exception as e:
+            log.exception("generation failed")
+            job.finished = True
+            self._emit(job, ("error", e))
+
     def run(self, data: bytes, key: str, prompt: Prompt, **options: Any) -> Result:
         """Blocking helper: one job from any thread, waiting for its result (benchmarks, scripts)."""
         done: Future[Result] = Future()

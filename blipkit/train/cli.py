@@ -1,4 +1,7 @@
-"""``blipkit train stage1|stage2 --config FILE --out DIR [--resume] [--key=value ...]``.
+"""``blipkit train stage1|stage2|llava1|llava2 --config FILE --out DIR [--resume] [--key=value ...]``.
+
+``stage1`` / ``stage2`` train a BLIP-2 Q-Former and bridge; ``llava1`` / ``llava2`` a LLaVA-family projector
+(``blipkit.train.llava``: feature alignment on captions, then VQA, descriptions and multi-turn chats).
 
 Under torchrun every process runs the same command: ``torchrun --nproc_per_node 2 -m blipkit.train stage1
 --config configs/default_stage1.json --out runs/stage1``.
@@ -9,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from blipkit.train.config import STAGES, TrainConfig, load_config
+from blipkit.train.config import LLAVA_STAGES, STAGES, TrainConfig, load_config
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,12 +20,16 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         allow_abbrev=False,
-        help="train the Q-Former (stage 1) or the bridge to the LLM (stage 2)",
+        help="train the Q-Former (stage 1), the bridge to the LLM (stage 2) or a LLaVA projector (llava1/2)",
         description="Settings: the TrainConfig defaults, overridden by --config, then by --key=value. Keys: "
         + ", ".join(TrainConfig.__dataclass_fields__),
     )
     parser.add_argument(
-        "stage", choices=STAGES, help="stage1: ITC + ITM + ITG; stage2: the LM loss through the LLM"
+        "stage",
+        choices=STAGES,
+        help="stage1: ITC + ITM + ITG; stage2: the LM loss through the LLM; llava1: a LLaVA projector on "
+        "captions (feature alignment); llava2: on VQA, 'Describe the image.' sentences and multi-turn chats "
+        "(model 'default-llava' or a LLaVA config JSON; pool=K averages KxK patches)",
     )
     parser.add_argument("--config", help="JSON file of TrainConfig keys")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, losses.csv, losses.png)")
@@ -39,7 +46,11 @@ def register(subparsers, add_model_args=None) -> None:
 def cmd_train(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     """Run one training stage; ``overrides`` are ``--key=value`` strings (e.g. from ``parse_known_args``)."""
     from blipkit.train.distributed import init_distributed, shutdown_distributed
-    from blipkit.train.loop import Trainer
+
+    if args.stage in LLAVA_STAGES:
+        from blipkit.train.llava import LlavaTrainer as Trainer
+    else:
+        from blipkit.train.loop import Trainer
 
     overrides = list(overrides if overrides is not None else getattr(args, "overrides", None) or [])
     try:

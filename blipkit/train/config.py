@@ -13,19 +13,24 @@ from typing import Any
 
 from blipkit.errors import ConfigError
 
-STAGES = ("stage1", "stage2")
+STAGES = ("stage1", "stage2", "llava1", "llava2")
+LLAVA_STAGES = ("llava1", "llava2")  # blipkit.train.llava: the projector of a LLaVA-family model
 
 
 @dataclass
 class TrainConfig:
     # --- what to train --------------------------------------------------------------------------------------
-    stage: str = "stage2"  # "stage1" (ITC/ITM/ITG, no LLM) or "stage2" (LM loss through the frozen LLM)
+    stage: str = "stage2"  # "stage1" (ITC/ITM/ITG, no LLM) or "stage2" (LM loss through the frozen LLM);
+    # "llava1" / "llava2": a LLaVA projector on captions / on VQA + descriptions + chats (blipkit.train.llava)
     model: str = "default"  # architecture: a name in blipkit/configs or a model-config JSON file
     init_from: str | None = None  # blipkit checkpoint dir whose Q-Former (and bridge) start the run
     teacher: str | None = None  # stage 2: checkpoint whose visual prompts the "keep" loss holds the run to
     qformer_init: str | None = "asset:all-minilm-l6-v2"  # BERT dir for the Q-Former (unused with init_from)
     trainable: str = ""  # comma-separated name prefixes to train (e.g. "qformer.text_proj"); "": all
     trust_remote_code: bool = False  # let the model's transformers dirs run the Python code they ship
+    pool: int = 0  # llava stages: average k x k patch blocks before the projector (0: the model config's)
+    conversation_kinds: str = ""  # llava stages: "vqa,caption,describe,chat" ("": llava1 caption, llava2 all)
+    chats_per_image: int = 1  # llava stages: multi-turn conversations per image
     # --- data -----------------------------------------------------------------------------------------------
     data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl
     image_root: str | None = None  # where relative image paths start (default: the data file's folder)

@@ -1,0 +1,143 @@
+"""The naive way to let an LLM see: caption the image, then ask a text-only LLM with the caption as text.
+
+No image tokens reach the LLM: it reads "Image: {caption}" before the first question, in its own template
+(the tokenizer's chat_template where it has one, else "Image: {caption}\\nQuestion: {q} Answer:").
+Whatever the caption leaves out, the answer cannot know. The captioner is any generative blipkit model
+(``--via-caption`` on ``ask``/``chat``/``serve``, ``Model.via_caption()``) or a photo tagger ("a photo of a
+{label}", ``default-photo``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from blipkit.api import Images, Model
+from blipkit.loading import Loaded
+from blipkit.models.decoding import Decoder, OnToken, Sampling
+from blipkit.processing import ImageInput, as_image_list
+from blipkit.templates import Template, TokenizerTemplate
+from blipkit.text import Prompt
+
+Captioner = Callable[..., list[str]]  # (images, **caption options) -> one caption per image
+SHORT_ANSWER = "{}\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA instruction
+
+
+class CaptionThenLLM(Model):
+    """A ``Model`` whose ``ask`` and ``chat`` go through a caption: ``caption`` is the captioner's."""
+
+    def __init__(self, loaded: Loaded, captioner: Captioner, batch_size: int = 16):
+        super().__init__(loaded, batch_size)
+        self.captioner = captioner
+
+    @classmethod
+    def from_model(cls, model: Model) -> CaptionThenLLM:
+        """``model`` captions, and its own LLM answers from the caption alone."""
+        from blipkit.models.text_llm import CaptionBridgeConfig, TextLLM
+        from blipkit.text import TextProcessor
+
+        model.require("caption")
+        cfg = CaptionBridgeConfig(name=f"{model.config.name}+caption", prompts=model.config.prompts)
+        llm = TextLLM(cfg, model.model.llm)
+        text = TextProcessor.for_model(llm, model.tokenizer, None)
+        return cls(Loaded(llm, text, model.processor, model.path), model.caption, model.batch_size)
+
+    @property
+    def family(self) -> str:
+        return "caption"
+
+    def describe(self, images: Images | torch.Tensor) -> list[str]:
+        """The captioner's caption of each image (or processed (B, 3, S, S) batch): the text the LLM reads."""
+        return self.captioner(images if isinstance(images, torch.Tensor) else as_image_list(images))
+
+    def caption(self, images: Images, prompt: str | None = None, **kwargs: Any) -> list[str]:
+        """The captioner's captions (``prompt`` and options go to it where it takes them)."""
+        if prompt is None and not kwargs:
+            return self.describe(images)
+        return self.captioner(as_image_list(images), prompt=prompt, **kwargs)
+
+    def template_for(self, caption: str) -> Template | TokenizerTemplate:
+        """The LLM's template with the caption in front of the first user message."""
+        template = self.text.template
+        if isinstance(template, TokenizerTemplate):
+            return template.with_image(f"Image: {caption}\n")
+        return replace(template, prefix=f"Image: {{system}}\n{template.prefix}", system=caption)
+
+    @torch.inference_mode()
+    def complete(
+        self,
+        images: Any,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        on_token: OnToken | None = None,
+        decoder: Decoder | None = None,
+    ) -> list[list[int]]:
+        """New token ids for each prompt; the prompts already hold their captions, so ``images`` is unused."""
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i : i + self.batch_size]
+            ids, mask = self.text.llm_batch([p.llm_ids for p in chunk])
+            inputs = self.model.text_inputs(ids.to(self.device), mask.to(self.device))
+            sink = None if on_token is None else (lambda row, tok, start=i: on_token(start + row, tok))
+            out += (decoder or self.decoder).generate(inputs, max_new_tokens, sampling or Sampling(), sink)
+        return out
+
+    def generate(
+        self,
+        images: Images,
+        prompts: Sequence[str],
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """One answer per (image, question) pair, each asked with its image's caption (a chat LLM is asked
+        for a short answer, as LLaVA-1.5 asks for VQA answers)."""
+        captions = self.describe(images)
+        chat_llm = isinstance(self.text.template, TokenizerTemplate)
+        fitted = [
+            self.text.prompt(
+                self.text.question(SHORT_ANSWER.format(q) if chat_llm else q, self.template_for(c)),
+                max_new_tokens,
+            )
+            for c, q in zip(captions, prompts, strict=True)
+        ]
+        sampling = Sampling.from_kwargs(num_beams, **generate_kwargs)
+        return [self.text.decode(t) for t in self.complete(None, fitted, max_new_tokens, sampling)]
+
+    def ask(
+        self, image: ImageInput, question: str, max_new_tokens: int | None = None, **generate_kwargs: Any
+    ) -> str:
+        n = max_new_tokens or self.config.prompts.vqa_max_new_tokens
+        return self.generate([image], [question], n, **generate_kwargs)[0]
+
+    def chat(self, image: ImageInput, max_new_tokens: int = 30) -> CaptionChat:
+        return CaptionChat(self, image, max_new_tokens)
+
+
+class CaptionChat:
+    """Multi-turn chat about one image through its caption; ``history`` holds (user, assistant) turns."""
+
+    def __init__(self, model: CaptionThenLLM, image: ImageInput, max_new_tokens: int = 30):
+        self.model = model
+        self.caption = model.describe([image])[0]
+        self.template = model.template_for(self.caption)
+        self.max_new_tokens = max_new_tokens
+        self.history: list[tuple[str, str]] = []
+
+    def prompt(self, message: str) -> Prompt:
+        """The fitted prompt for ``message`` (the caption stays in front of the oldest turn kept)."""
+        return self.model.text.chat(self.history, message, self.max_new_tokens, self.template)
+
+    def send(self, message: str, **generate_kwargs: Any) -> str:
+        sampling = Sampling.from_kwargs(**generate_kwargs)
+        tokens = self.model.complete(None, [self.prompt(message)], self.max_new_tokens, sampling)[0]
+        answer = self.model.text.decode(tokens)
+        self.history.append((message, answer))
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
