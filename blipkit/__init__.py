@@ -57,4 +57,8 @@ def load(
     loaded = load_checkpoint(
         name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, revision=revision
     )
+    if loaded.captioner is not None:  # the caption-then-LLM bridge (``default-photo``)
+        from blipkit.caption_bridge import CaptionThenLLM
+
+        return CaptionThenLLM(loaded, loaded.captioner, batch_size=batch_size)
     return Model(loaded, batch_size=batch_size)

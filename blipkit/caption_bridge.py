@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from blipkit.api import Images, Model
+from blipkit.errors import ConfigError
 from blipkit.loading import Loaded
 from blipkit.models.decoding import Decoder, OnToken, Sampling
 from blipkit.processing import ImageInput, as_image_list
@@ -24,6 +26,41 @@ from blipkit.text import Prompt
 
 Captioner = Callable[..., list[str]]  # (images, **caption options) -> one caption per image
 SHORT_ANSWER = "{}\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA instruction
+
+
+PHOTO_TAGGER = "asset:efficientnet-lite0"
+
+
+def build_bridge(base: Path, config: Any, dtype: torch.dtype, trust: bool) -> tuple:
+    """(TextLLM, LLM tokenizer, None, image processor, captioner) of a bridge config (``bridge: caption``):
+    ``captioner`` a model name/dir/hub id or the packaged photo tagger; ``llm`` an LLM dir/asset, or None for
+    the captioner's own."""
+    from blipkit import load
+    from blipkit.config import LLMConfig, config_from_dict
+    from blipkit.loading import build_llm, load_tokenizer, resolve
+    from blipkit.models.text_llm import CaptionBridgeConfig, TextLLM
+
+    cfg = config_from_dict(CaptionBridgeConfig, config, str(base / "config.json"))
+    if cfg.captioner == PHOTO_TAGGER:
+        from blipkit.models.tagger import PhotoTagger
+
+        tagger = PhotoTagger.load()
+        captioner: Captioner = lambda images, **_: tagger.caption(images)  # noqa: E731
+        processor, llm, tokenizer = tagger.processor, None, None
+    else:
+        local = base / cfg.captioner
+        source = load(local if local.exists() else cfg.captioner, dtype=dtype, trust_remote_code=trust)
+        captioner, processor = source.caption, source.processor
+        llm, tokenizer = (source.model.llm, source.tokenizer) if source.model.has_llm else (None, None)
+    if cfg.llm is not None:
+        ref = resolve(cfg.llm, base)
+        llm = build_llm(LLMConfig(pretrained=str(ref)), None, base, dtype, trust)
+        tokenizer = load_tokenizer(ref, trust)
+    if llm is None:
+        raise ConfigError(
+            f"{base / 'config.json'}: the captioner has no LLM to answer with; name one in 'llm'"
+        )
+    return TextLLM(cfg, llm), tokenizer, None, processor, captioner
 
 
 class CaptionThenLLM(Model):

@@ -177,6 +177,11 @@ def check_type(hint: Any, value: Any, where: str) -> None:
         raise ConfigError(f"{where} must be {type_name(hint)}, got {_show(value)}")
 
 
+def config_from_dict(cls: type, d: Any, source: str | None = None) -> Any:
+    """A config dataclass ``cls`` from a JSON-like dict, every field checked (``source`` starts messages)."""
+    return _build(cls, d, f"{source}: " if source else "", "")
+
+
 def _build(cls: type, d: Any, lead: str, prefix: str) -> Any:
     """A dataclass from a dict, every field checked against its annotation (blocks recursively)."""
     block = prefix.rstrip(".")

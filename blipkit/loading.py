@@ -50,10 +50,11 @@ _DTYPES = {
 
 @dataclass
 class Loaded:
-    model: Any  # a family model (``blipkit.models.family``): Blip2, Llava or DualEncoder
+    model: Any  # a family model (``blipkit.models.family``): Blip2, Llava, DualEncoder or TextLLM
     text: TextProcessor  # both tokenizers, prompts and windows
     processor: ImageProcessor
     path: Path | None
+    captioner: Any = None  # the caption-then-LLM bridge's captioner: (images, **options) -> captions
 
 
 # --- resolving references -----------------------------------------------------------------------------------
@@ -329,6 +330,7 @@ class _Parts:
     llm_tokenizer: Any | None
     embed_tokenizer: Any | None  # the Q-Former's text path, or a dual encoder's text tower
     processor: ImageProcessor
+    captioner: Any = None  # the caption-then-LLM bridge's
 
 
 def _load_blipkit(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
@@ -385,6 +387,12 @@ def _load_blipkit_llava(path: Path, raw: dict[str, Any], dtype: torch.dtype, tru
     return _Parts(model, tokenizer, None, processor)
 
 
+def _load_caption_bridge(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
+    from blipkit.caption_bridge import build_bridge
+
+    return _Parts(*build_bridge(path, raw.get("config"), dtype, trust))
+
+
 def _is_blipkit(raw: dict[str, Any], family: str) -> bool:
     return raw.get("format") == BLIPKIT_FORMAT and raw.get("family", "blip2") == family
 
@@ -413,6 +421,7 @@ def _is_dual_encoder(raw: dict[str, Any]) -> bool:
 FORMATS = (
     ("blipkit checkpoint", lambda raw: _is_blipkit(raw, "blip2"), _load_blipkit),
     ("blipkit LLaVA checkpoint", lambda raw: _is_blipkit(raw, "llava"), _load_blipkit_llava),
+    ("blipkit caption-then-LLM bridge", lambda raw: _is_blipkit(raw, "caption"), _load_caption_bridge),
     ("transformers BLIP-2 / InstructBLIP", lambda raw: "qformer_config" in raw, _load_hf_blip2),
     ("transformers CLIP / SigLIP", _is_dual_encoder, _load_dual_encoder),
     ("LLaVA (transformers or the original repo)", _is_llava, _load_llava),
@@ -450,7 +459,7 @@ def load_checkpoint(
     if device:
         model.to(device)
     text = TextProcessor.for_model(model, parts.llm_tokenizer, parts.embed_tokenizer)
-    return Loaded(model, text, parts.processor, path)
+    return Loaded(model, text, parts.processor, path, parts.captioner)
 
 
 def save_checkpoint(

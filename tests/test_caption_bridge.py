@@ -122,3 +122,19 @@ def test_default_model_via_caption_uses_the_chat_template():
     text = chat.prompt("what shape is it?").text
     caption = m.describe(["examples/red_circle.png"])[0]
     assert f"<|im_start|>user\nImage: {caption}\nwhat shape is it?<|im_end|>" in text
+
+
+def test_bridge_from_a_config(bridged, opt_dir, photo, tmp_path):
+    """``{"family": "caption", "config": {"captioner": ...}}``: the same bridge as ``via_caption()``."""
+    _, v = bridged
+    (tmp_path / "config.json").write_text(
+        json.dumps({"format": "blipkit", "family": "caption", "config": {"captioner": str(opt_dir)}})
+    )
+    loaded = blipkit.load(tmp_path)
+    assert isinstance(loaded, CaptionThenLLM)
+    assert loaded.ask(photo, "what is it ?") == v.ask(photo, "what is it ?")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"format": "blipkit", "family": "caption", "config": {"captioner": str(opt_dir), "lm": 1}})
+    )
+    with pytest.raises(blipkit.errors.ConfigError, match="unknown key"):
+        blipkit.load(tmp_path)
