@@ -45,7 +45,12 @@ def build_bridge(base: Path, config: Any, dtype: torch.dtype, trust: bool) -> tu
         from blipkit.models.tagger import PhotoTagger
 
         tagger = PhotoTagger.load()
-        captioner: Captioner = lambda images, **_: tagger.caption(images)  # noqa: E731
+
+        def captioner(images: Any, **_: Any) -> list[str]:
+            if isinstance(images, torch.Tensor):  # processed by ``tagger.processor`` (the server)
+                return tagger.caption_pixels(images)
+            return tagger.caption(images)
+
         processor, llm, tokenizer = tagger.processor, None, None
     else:
         local = base / cfg.captioner
@@ -82,6 +87,13 @@ class CaptionThenLLM(Model):
         text = TextProcessor.for_model(llm, model.tokenizer, None)
         return cls(Loaded(llm, text, model.processor, model.path), model.caption, model.batch_size)
 
+    @classmethod
+    def blind(cls, model: Model) -> CaptionThenLLM:
+        """``model``'s LLM asked with no image information at all: the floor every bridge must clear."""
+        bridge = cls.from_model(model)
+        bridge.captioner = lambda images, **_: [""] * len(images)
+        return bridge
+
     @property
     def family(self) -> str:
         return "caption"
@@ -97,8 +109,10 @@ class CaptionThenLLM(Model):
         return self.captioner(as_image_list(images), prompt=prompt, **kwargs)
 
     def template_for(self, caption: str) -> Template | TokenizerTemplate:
-        """The LLM's template with the caption in front of the first user message."""
+        """The LLM's template with the caption in front of the first user message (none when it is empty)."""
         template = self.text.template
+        if not caption:
+            return template
         if isinstance(template, TokenizerTemplate):
             return template.with_image(f"Image: {caption}\n")
         return replace(template, prefix=f"Image: {{system}}\n{template.prefix}", system=caption)

@@ -218,12 +218,12 @@ def describe_models() -> list[dict[str, Any]]:
         raw = json.loads((WEIGHTS_DIR / name / "config.json").read_text())
         cfg = raw.get("config", {})
         family = raw.get("family", "blip2")
-        can = []
-        if cfg.get("llm", {}).get("kind", "causal") != "none":
-            can += ["caption", "ask", "chat"]
-        q = cfg.get("qformer", {})
-        if family == "blip2" and q.get("text_path", True) and q.get("retrieval_heads", True):
-            can += ["embed", "match"]
+        can = ["caption", "ask", "chat"]
+        if family == "blip2":
+            can = can if cfg.get("llm", {}).get("kind", "causal") != "none" else []
+            q = cfg.get("qformer", {})
+            if q.get("text_path", True) and q.get("retrieval_heads", True):
+                can += ["embed", "match"]
         out.append({"name": name, "family": family, "capabilities": can})
     return out
 

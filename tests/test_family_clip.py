@@ -167,8 +167,8 @@ def test_server_embeddings_texts_and_images(dual, photos):
 
 
 def test_models_lists_families_and_capabilities(capsys):
-    assert set(blipkit.list_families()) == {"blip2", "llava", "clip"}
-    assert blipkit.list_models() == ["default"]
+    assert set(blipkit.list_families()) == {"blip2", "llava", "caption", "clip"}
+    assert {"default", "default-photo"} <= set(blipkit.list_models())
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "default" in out and "caption, ask, chat, embed, match" in out

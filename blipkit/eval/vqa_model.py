@@ -65,6 +65,14 @@ def answer_questions(
         chunk = order[start : start + batch_size]
         images = list(dict.fromkeys(str(examples[i].image) for i in chunk))
         inputs = [change(load_image(p), p) for p in images] if change else images
+        if model.family == "caption":  # the caption-then-LLM bridge: each image's caption, then the LLM
+            where = {p: n for n, p in enumerate(images)}
+            shown = [inputs[where[str(examples[i].image)]] for i in chunk]
+            questions = [examples[i].question for i in chunk]
+            for i, a in zip(chunk, model.generate(shown, questions, max_new), strict=True):
+                answers[i] = a
+            bar.update(len(chunk))
+            continue
         feats = model.image_features(inputs)  # (b_img, P, Dv)
         where = {p: n for n, p in enumerate(images)}
         embeds = feats[[where[str(examples[i].image)] for i in chunk]]  # (B, P, Dv)

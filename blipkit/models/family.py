@@ -50,6 +50,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
         ],
         "capabilities": list(_GENERATE),
     },
+    "caption": {
+        "models": "caption-then-LLM, the naive baseline (default-photo: an ImageNet tagger's caption -> SmolLM2)",
+        "formats": [
+            "blipkit bridge configs ({'family': 'caption'})",
+            "--via-caption on any generative model",
+        ],
+        "capabilities": list(_GENERATE),
+    },
     "clip": {
         "models": "CLIP, SigLIP",
         "formats": ["transformers CLIPModel", "transformers SiglipModel"],

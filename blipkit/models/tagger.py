@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib.resources import files
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -72,6 +73,11 @@ class PhotoTagger:
         # channels-last: the depthwise convolutions run about a third faster on CPU
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.processor = processor or photo_processor()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | torch.device | None = None) -> PhotoTagger:
+        """The tagger with the packaged EfficientNet-Lite0 weights, or the ``.pth`` at ``path`` (strictly)."""
+        return cls(load_efficientnet_lite0(path), device=device)
 
     def pixels(self, images) -> Tensor:
         """Image inputs (paths, bytes, PIL images, arrays, or a list of them) -> (B, 3, 224, 224)."""
