@@ -68,13 +68,29 @@ def evaluate(model: blipkit.Model, limit: int = 0, variant: str = "none", split:
     change = {"bigger": bigger, "moved": moved}.get(variant)
     start = time.perf_counter()
     answers = answer_questions(model, examples, change=change)
-    hits, totals = defaultdict(int), defaultdict(int)
+    hits, named, totals = defaultdict(int), defaultdict(int), defaultdict(int)
     for e, a in zip(examples, answers, strict=True):
         for key in ("overall", answer_type(e.answer)):
             hits[key] += a.strip().lower() == e.answer.strip().lower()
+            named[key] += names_only(a, e.answer)
             totals[key] += 1
     result = {k: hits[k] / totals[k] for k in totals} | {"questions": totals["overall"]}
+    result["names_the_answer"] = {k: named[k] / totals[k] for k in totals}
     return result | {"seconds": round(time.perf_counter() - start, 1)}
+
+
+ANSWER_WORDS = {
+    "yes/no": {"yes", "no"},
+    "shape": {"circle", "rectangle", "triangle"},
+    "color": {"red", "green", "blue", "yellow", "teal", "brown", "gray", "black"},
+}
+
+
+def names_only(answer: str, truth: str) -> bool:
+    """An answer that names the right answer word and no other of its kind ("The shape is a circle.")."""
+    words = set(re.findall(r"[a-z]+", answer.lower().replace("grey", "gray")))
+    rivals = ANSWER_WORDS[answer_type(truth)] - {truth}
+    return truth in words and not words & rivals
 
 
 def main() -> None:
