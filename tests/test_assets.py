@@ -251,7 +251,7 @@ def test_minilm_is_the_package_directory():
 
 
 def test_resolve_names(use_shared_cache, dinov2_dir):
-    assert set(ASSETS) == {"dinov2-s14", "smollm2-135m-instruct", "all-minilm-l6-v2"}
+    assert set(ASSETS) == {"dinov2-s14", "smollm2-135m-instruct", "all-minilm-l6-v2", "efficientnet-lite0"}
     assert resolve("asset:all-minilm-l6-v2") == resolve("all-minilm-l6-v2") == minilm_l6()
     assert resolve("asset:dinov2-s14") == resolve("dinov2-s14") == dinov2_dir
     with pytest.raises(AssetError) as info:

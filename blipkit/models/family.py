@@ -51,7 +51,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "capabilities": list(_GENERATE),
     },
     "caption": {
-        "models": "caption-then-LLM, the naive baseline (default-photo: an ImageNet tagger's caption -> SmolLM2)",
+        "models": "caption-then-LLM, the naive baseline (default-photo: an ImageNet tagger -> SmolLM2)",
         "formats": [
             "blipkit bridge configs ({'family': 'caption'})",
             "--via-caption on any generative model",
