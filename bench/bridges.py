@@ -82,7 +82,7 @@ def rows(limit: int) -> list[dict]:
     if (WEIGHTS_DIR / "default-llava").exists():
         llava = blipkit.load("default-llava")
         bridges.append(("MLP projector (LLaVA), `default-llava`", llava, "default-llava"))
-    bridges.append(("caption-then-LLM, Q-Former captions", default.via_caption(), None))
+    bridges.append(("caption-then-LLM, Q-Former captions", blipkit.via_caption(default), None))
     bridges.append(("blind LLM (question only)", CaptionThenLLM.blind(default), None))
     examples = easy_vqa.vqa_examples("test")
     images = [str(e.image) for e in examples[:32]]

@@ -7,14 +7,17 @@ import os
 import torch
 
 from blipkit.api import Chat, Model
+from blipkit.caption_bridge import CaptionThenLLM, is_bridge, load_bridge
 from blipkit.config import Blip2Config, get_config, list_configs, list_models
-from blipkit.loading import CheckpointError, load_checkpoint, save_checkpoint
+from blipkit.loading import CheckpointError, load_checkpoint, locate, save_checkpoint
 from blipkit.models.family import FAMILIES
+from blipkit.parts import read_config
 from blipkit.processing import ImageError, ImageProcessor, load_image
 
 __version__ = "0.1.0"
 __all__ = [
     "Blip2Config",
+    "CaptionThenLLM",
     "Chat",
     "CheckpointError",
     "ImageError",
@@ -28,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "load_image",
     "save_checkpoint",
+    "via_caption",
 ]
 
 
@@ -54,11 +58,13 @@ def load(
     or commit. ``trust_remote_code=True`` lets transformers dirs run the Python code they ship; only for
     checkpoints you trust (without it such a dir is a ``CheckpointError``).
     """
-    loaded = load_checkpoint(
-        name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, revision=revision
-    )
-    if loaded.captioner is not None:  # the caption-then-LLM bridge (``default-photo``)
-        from blipkit.caption_bridge import CaptionThenLLM
+    options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
+    path = locate(name_or_path, revision)
+    if is_bridge(read_config(path / "config.json")):  # the caption-then-LLM bridge (``default-photo``)
+        return load_bridge(path, batch_size=batch_size, **options)
+    return Model(load_checkpoint(path, **options), batch_size=batch_size)
 
-        return CaptionThenLLM(loaded, loaded.captioner, batch_size=batch_size)
-    return Model(loaded, batch_size=batch_size)
+
+def via_caption(model: Model) -> CaptionThenLLM:
+    """``model`` as the naive baseline: it captions the image, then its LLM answers from the caption alone."""
+    return CaptionThenLLM.from_model(model)

@@ -176,13 +176,6 @@ class Model:
         """A conversation about one image that remembers earlier turns."""
         return Chat(self, image, max_new_tokens)
 
-    def via_caption(self) -> Model:
-        """This model as the naive baseline: it captions the image, then its LLM answers from the caption
-        alone (``blipkit.caption_bridge``)."""
-        from blipkit.caption_bridge import CaptionThenLLM
-
-        return CaptionThenLLM.from_model(self)
-
     # --- retrieval ------------------------------------------------------------------------------------------
     def _image_batches(self, images: Images | Tensor) -> list[Tensor]:
         """Vision features (b, P, Dv) of each batch of ``images``."""

@@ -3,8 +3,8 @@
 No image tokens reach the LLM: it reads "Image: {caption}" before the first question, in its own template
 (the tokenizer's chat_template where it has one, else "Image: {caption}\\nQuestion: {q} Answer:").
 Whatever the caption leaves out, the answer cannot know. The captioner is any generative blipkit model
-(``--via-caption`` on ``ask``/``chat``/``serve``, ``Model.via_caption()``) or a photo tagger ("a photo of a
-{label}", ``default-photo``).
+(``--via-caption`` on ``ask``/``chat``/``serve``, ``blipkit.via_caption(model)``) or a photo tagger
+("a photo of a {label}", ``default-photo``).
 """
 
 from __future__ import annotations
@@ -18,33 +18,42 @@ import torch
 
 from blipkit.api import Images, Model
 from blipkit.errors import ConfigError
-from blipkit.loading import Loaded
+from blipkit.loading import BLIPKIT_FORMAT, Loaded, load_checkpoint, torch_dtype
 from blipkit.models.decoding import Decoder, OnToken, Sampling
+from blipkit.parts import build_llm, load_tokenizer, read_config, resolve
 from blipkit.processing import ImageInput, as_image_list
 from blipkit.templates import Template, TokenizerTemplate
-from blipkit.text import Prompt
+from blipkit.text import Prompt, TextProcessor
 
 Captioner = Callable[..., list[str]]  # (images, **caption options) -> one caption per image
 SHORT_ANSWER = "{}\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA instruction
 
 
-PHOTO_TAGGER = "asset:efficientnet-lite0"
+PHOTO_TAGGER = "asset:efficientnet-lite0"  # the packaged ImageNet tagger as the captioner
 
 
-def build_bridge(base: Path, config: Any, dtype: torch.dtype, trust: bool) -> tuple:
-    """(TextLLM, LLM tokenizer, None, image processor, captioner) of a bridge config (``bridge: caption``):
-    ``captioner`` a model name/dir/hub id or the packaged photo tagger; ``llm`` an LLM dir/asset, or None for
-    the captioner's own."""
-    from blipkit import load
+def is_bridge(raw: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` is a caption-then-LLM bridge (``"family": "caption"`` in blipkit format)."""
+    return raw.get("format") == BLIPKIT_FORMAT and raw.get("family") == "caption"
+
+
+def load_bridge(
+    path: Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    batch_size: int = 16,
+) -> CaptionThenLLM:
+    """The bridge a config names: ``captioner`` a model name/dir/hub id or the packaged photo tagger;
+    ``llm`` an LLM dir/asset, or None for the captioner's own."""
     from blipkit.config import LLMConfig, config_from_dict
-    from blipkit.loading import build_llm, load_tokenizer, resolve
     from blipkit.models.text_llm import CaptionBridgeConfig, TextLLM
 
-    cfg = config_from_dict(CaptionBridgeConfig, config, str(base / "config.json"))
+    cfg = config_from_dict(CaptionBridgeConfig, read_config(path / "config.json").get("config"), str(path))
     if cfg.captioner == PHOTO_TAGGER:
         from blipkit.models.tagger import PhotoTagger
 
-        tagger = PhotoTagger.load()
+        tagger = PhotoTagger.load(device=device)
 
         def captioner(images: Any, **_: Any) -> list[str]:
             if isinstance(images, torch.Tensor):  # processed by ``tagger.processor`` (the server)
@@ -53,19 +62,25 @@ def build_bridge(base: Path, config: Any, dtype: torch.dtype, trust: bool) -> tu
 
         processor, llm, tokenizer = tagger.processor, None, None
     else:
-        local = base / cfg.captioner
-        source = load(local if local.exists() else cfg.captioner, dtype=dtype, trust_remote_code=trust)
+        local = path / cfg.captioner
+        ref = local if local.exists() else cfg.captioner
+        source = Model(load_checkpoint(ref, dtype, device, trust_remote_code), batch_size)
+        source.require("caption")
         captioner, processor = source.caption, source.processor
         llm, tokenizer = (source.model.llm, source.tokenizer) if source.model.has_llm else (None, None)
     if cfg.llm is not None:
-        ref = resolve(cfg.llm, base)
-        llm = build_llm(LLMConfig(pretrained=str(ref)), None, base, dtype, trust)
-        tokenizer = load_tokenizer(ref, trust)
+        ref = resolve(cfg.llm, path)
+        llm = build_llm(LLMConfig(pretrained=str(ref)), None, path, torch_dtype(dtype), trust_remote_code)
+        tokenizer = load_tokenizer(ref, trust_remote_code)
     if llm is None:
         raise ConfigError(
-            f"{base / 'config.json'}: the captioner has no LLM to answer with; name one in 'llm'"
+            f"{path / 'config.json'}: the captioner has no LLM to answer with; name one in 'llm'"
         )
-    return TextLLM(cfg, llm), tokenizer, None, processor, captioner
+    model = TextLLM(cfg, llm)
+    if device:
+        model.to(device)
+    text = TextProcessor.for_model(model, tokenizer, None)
+    return CaptionThenLLM(Loaded(model, text, processor, path), captioner, batch_size)
 
 
 class CaptionThenLLM(Model):
@@ -79,7 +94,6 @@ class CaptionThenLLM(Model):
     def from_model(cls, model: Model) -> CaptionThenLLM:
         """``model`` captions, and its own LLM answers from the caption alone."""
         from blipkit.models.text_llm import CaptionBridgeConfig, TextLLM
-        from blipkit.text import TextProcessor
 
         model.require("caption")
         cfg = CaptionBridgeConfig(name=f"{model.config.name}+caption", prompts=model.config.prompts)

@@ -40,7 +40,11 @@ def load_model(args: argparse.Namespace, model: str | None = None) -> Any:
     """The ``blipkit.Model`` the options name (``model`` overrides ``--model``; ``--via-caption`` wraps it in
     the caption-then-LLM bridge)."""
     loaded = _load(args, model)
-    return loaded.via_caption() if getattr(args, "via_caption", False) else loaded
+    if not getattr(args, "via_caption", False):
+        return loaded
+    from blipkit import via_caption
+
+    return via_caption(loaded)
 
 
 def _load(args: argparse.Namespace, model: str | None) -> Any:

@@ -25,20 +25,27 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from blipkit.config import WEIGHTS_DIR, Blip2Config, LLMConfig, VisionConfig, list_configs, list_models
+from blipkit.config import WEIGHTS_DIR, Blip2Config, VisionConfig, list_configs, list_models
 from blipkit.convert import hf_blip2, hf_instructblip
 from blipkit.errors import CheckpointError, ConfigError, EnvironmentProblem, UsageError
 from blipkit.models.blip2 import Blip2
 from blipkit.models.towers import build_tower
 from blipkit.models.vision import Dinov2Encoder, EvaViT
+from blipkit.parts import (  # noqa: F401  (re-exported: the frozen parts are loading's too)
+    REMOTE_CODE_FILES,
+    build_llm,
+    check_remote_code,
+    load_tokenizer,
+    read_config,
+    resolve,
+)
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, load_strict, read_state_dict
 from blipkit.text import TextProcessor
 
 BLIPKIT_FORMAT = "blipkit"
 BRIDGE_FILE = "bridge.safetensors"
-REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")  # where transformers finds an ``auto_map``
-_DTYPES = {
+DTYPES = {  # the names --dtype takes, and their torch dtypes
     "fp32": torch.float32,
     "float32": torch.float32,
     "bf16": torch.bfloat16,
@@ -54,58 +61,6 @@ class Loaded:
     text: TextProcessor  # both tokenizers, prompts and windows
     processor: ImageProcessor
     path: Path | None
-    captioner: Any = None  # the caption-then-LLM bridge's captioner: (images, **options) -> captions
-
-
-# --- resolving references -----------------------------------------------------------------------------------
-def resolve(ref: str, base: Path | None = None) -> Path:
-    """An asset name ("asset:NAME"), or a path (relative paths are taken from ``base`` first)."""
-    if ref.startswith("asset:"):
-        from blipkit import assets
-
-        return assets.resolve(ref)
-    p = Path(ref).expanduser()
-    if not p.is_absolute() and base is not None and (base / p).exists():
-        return base / p
-    if not p.exists():
-        raise FileNotFoundError(f"referenced weights not found: {ref!r}")
-    return p
-
-
-def read_config(file: Path) -> dict[str, Any]:
-    """A JSON object from ``file``; anything else is a ``ConfigError`` naming the file."""
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{file}: must hold a JSON object, got {type(d).__name__}")
-    return d
-
-
-def check_remote_code(path: Path, trust_remote_code: bool = False) -> None:
-    """Refuse a transformers dir whose config names Python code of its own (``auto_map``) unless trusted.
-
-    transformers would import that code, or ask on stdin whether to; this fails before it gets the chance.
-    """
-    if trust_remote_code:
-        return
-    for name in REMOTE_CODE_FILES:
-        file = Path(path) / name
-        try:
-            d = json.loads(file.read_text())
-        except (OSError, ValueError):
-            continue  # absent, or not JSON: transformers reports it without running anything
-        if isinstance(d, dict) and d.get("auto_map"):
-            raise CheckpointError(
-                f"{file} has an auto_map: loading it runs Python code shipped in {path}; it was not run. "
-                "Pass trust_remote_code=True (CLI: --trust-remote-code) if you trust it"
-            )
-
-
-def _is_hf_blip2(path: Path) -> bool:
-    cfg = path / "config.json"
-    return cfg.exists() and "qformer_config" in read_config(cfg)
 
 
 # --- building the parts -------------------------------------------------------------------------------------
@@ -164,59 +119,6 @@ def build_vision(
     return vision
 
 
-def _llm_class(cfg: LLMConfig, hf_config: Any) -> type:
-    from transformers import (
-        MODEL_FOR_CAUSAL_LM_MAPPING,
-        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-    )
-
-    causal = cfg.kind == "causal"
-    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if causal else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
-    if type(hf_config) in mapping:
-        return mapping[type(hf_config)]
-    return AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM  # a trusted dir's own classes
-
-
-def build_llm(
-    cfg: LLMConfig,
-    state_dict: dict[str, Tensor] | None,
-    base: Path | None,
-    dtype: torch.dtype,
-    trust_remote_code: bool = False,
-) -> nn.Module | None:
-    """A frozen transformers LLM, from a dir, an asset, a transformers BLIP-2 dir or (config, state dict)."""
-    if cfg.kind == "none":
-        return None
-    from transformers import AutoConfig
-
-    trust = {"trust_remote_code": trust_remote_code}
-    hf_config = None
-    if state_dict is None:
-        if not cfg.pretrained:
-            raise CheckpointError("llm needs weights: llm.pretrained (a transformers dir or asset name)")
-        source = resolve(cfg.pretrained, base)
-        if not _is_hf_blip2(source):
-            check_remote_code(source, trust_remote_code)
-            cls = _llm_class(cfg, AutoConfig.from_pretrained(source, **trust))
-            return cls.from_pretrained(source, dtype=dtype, **trust).eval().requires_grad_(False)
-        hf_config = json.loads((source / "config.json").read_text())["text_config"]
-        state_dict = read_state_dict(source, "language_model.")
-    hf_config = dict(hf_config or cfg.hf_config or {})
-    if not hf_config:
-        raise CheckpointError("llm.hf_config is empty and no llm.pretrained is given")
-    config = AutoConfig.for_model(**hf_config)
-    cls = _llm_class(cfg, config)
-    llm, info = cls.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True, **trust
-    )
-    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-    if problems or info.get("error_msgs"):
-        raise CheckpointError(f"language model: {problems} {info.get('error_msgs') or ''}".strip())
-    return llm.eval().requires_grad_(False)
-
-
 def build_model(
     cfg: Blip2Config,
     state_dict: dict[str, Tensor],
@@ -246,15 +148,12 @@ def build_model(
     return model.eval()
 
 
-# --- tokenizers and processors ------------------------------------------------------------------------------
-def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    """A transformers tokenizer dir (refused when it ships code that is not trusted)."""
-    from transformers import AutoTokenizer
-
-    check_remote_code(path, trust_remote_code)
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A dtype by name ("bf16") or as it is; float32 by default."""
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
 
 
+# --- image processors and devices -----------------------------------------------------------------------
 def _processor_from_hf_dir(path: Path) -> dict[str, Any]:
     for name in ("preprocessor_config.json", "processor_config.json"):
         f = path / name
@@ -306,7 +205,7 @@ def _not_a_model(name: str) -> str:
 
 
 # --- public entry points ------------------------------------------------------------------------------------
-def _locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+def locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """The directory behind a reference: a local dir, a model shipped by name, or a Hugging Face hub id."""
     from blipkit import hub
 
@@ -330,7 +229,6 @@ class _Parts:
     llm_tokenizer: Any | None
     embed_tokenizer: Any | None  # the Q-Former's text path, or a dual encoder's text tower
     processor: ImageProcessor
-    captioner: Any = None  # the caption-then-LLM bridge's
 
 
 def _load_blipkit(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
@@ -387,12 +285,6 @@ def _load_blipkit_llava(path: Path, raw: dict[str, Any], dtype: torch.dtype, tru
     return _Parts(model, tokenizer, None, processor)
 
 
-def _load_caption_bridge(path: Path, raw: dict[str, Any], dtype: torch.dtype, trust: bool) -> _Parts:
-    from blipkit.caption_bridge import build_bridge
-
-    return _Parts(*build_bridge(path, raw.get("config"), dtype, trust))
-
-
 def _is_blipkit(raw: dict[str, Any], family: str) -> bool:
     return raw.get("format") == BLIPKIT_FORMAT and raw.get("family", "blip2") == family
 
@@ -420,8 +312,8 @@ def _is_dual_encoder(raw: dict[str, Any]) -> bool:
 # (what it is, detect(config.json), load): the first format whose detector accepts the config loads it
 FORMATS = (
     ("blipkit checkpoint", lambda raw: _is_blipkit(raw, "blip2"), _load_blipkit),
+    # blipkit caption-then-LLM bridges ({"family": "caption"}) are two models: ``blipkit.load`` builds them
     ("blipkit LLaVA checkpoint", lambda raw: _is_blipkit(raw, "llava"), _load_blipkit_llava),
-    ("blipkit caption-then-LLM bridge", lambda raw: _is_blipkit(raw, "caption"), _load_caption_bridge),
     ("transformers BLIP-2 / InstructBLIP", lambda raw: "qformer_config" in raw, _load_hf_blip2),
     ("transformers CLIP / SigLIP", _is_dual_encoder, _load_dual_encoder),
     ("LLaVA (transformers or the original repo)", _is_llava, _load_llava),
@@ -444,9 +336,9 @@ def load_checkpoint(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
+    dtype = torch_dtype(dtype)
     check_device(device)
-    path = _locate(name_or_path, revision)
+    path = locate(name_or_path, revision)
     raw = read_config(path / "config.json")
     for _, detect, load in FORMATS:
         if detect(raw):
@@ -459,7 +351,7 @@ def load_checkpoint(
     if device:
         model.to(device)
     text = TextProcessor.for_model(model, parts.llm_tokenizer, parts.embed_tokenizer)
-    return Loaded(model, text, parts.processor, path, parts.captioner)
+    return Loaded(model, text, parts.processor, path)
 
 
 def save_checkpoint(

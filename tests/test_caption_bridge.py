@@ -20,7 +20,7 @@ from blipkit.cli import main
 @pytest.fixture(scope="module")
 def bridged(opt_dir):
     m = blipkit.load(opt_dir)
-    return m, m.via_caption()
+    return m, blipkit.via_caption(m)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_server_via_caption(bridged, photo):
 
 
 def test_default_model_via_caption_uses_the_chat_template():
-    m = blipkit.load("default").via_caption()
+    m = blipkit.via_caption(blipkit.load("default"))
     chat = m.chat("examples/red_circle.png", max_new_tokens=4)
     text = chat.prompt("what shape is it?").text
     caption = m.describe(["examples/red_circle.png"])[0]

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from blipkit.config import PromptConfig, check_type
 from blipkit.errors import CheckpointError, ConfigError
-from blipkit.loading import read_config
 from blipkit.models.clip import DualEncoder, DualEncoderConfig, empty, fill, hf_config_class
+from blipkit.parts import read_config
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, read_state_dict
 

@@ -28,6 +28,7 @@ from blipkit.errors import CheckpointError, ConfigError
 from blipkit.models import towers
 from blipkit.models.llava import Llava, LlavaConfig, ProjectorConfig
 from blipkit.models.towers import TowerConfig, VisionTower, build_tower
+from blipkit.parts import build_llm, check_remote_code, load_tokenizer, read_config
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, read_state_dict
 
@@ -261,8 +262,6 @@ def build_model(
     """A ``Llava`` from its config and a blipkit-named state dict (``vision.model.*`` optional when
     ``cfg.vision.pretrained`` names the tower), every part loaded strictly; ``sources`` names where the
     ``llm`` and ``projector`` keys come from, in messages."""
-    from blipkit.loading import build_llm
-
     parts = _parts(state_dict)
     vision = build_vision(cfg, parts["vision"], dtype, base)
     if not parts["llm"]:
@@ -325,8 +324,6 @@ def load(
     path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[Llava, Any, ImageProcessor]:
     """A transformers LLaVA ``save_pretrained`` dir -> (``Llava``, tokenizer, ``ImageProcessor``)."""
-    from blipkit.loading import check_remote_code, load_tokenizer, read_config
-
     path = Path(path)
     cfg = config_from_hf(read_config(path / "config.json"), str(path / "config.json"))
     check_remote_code(path, trust_remote_code)

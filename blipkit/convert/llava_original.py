@@ -38,6 +38,7 @@ from blipkit.errors import CheckpointError, ConfigError
 from blipkit.models import towers
 from blipkit.models.llava import ORIGINAL_IMAGE_TOKEN_INDEX, Llava, LlavaConfig, ProjectorConfig
 from blipkit.models.towers import TowerConfig
+from blipkit.parts import check_remote_code, load_tokenizer, read_config
 from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import read_state_dict
 
@@ -207,8 +208,6 @@ def load(
     path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[Llava, Any, ImageProcessor]:
     """An original-repo LLaVA dir -> (``Llava``, tokenizer, ``ImageProcessor``)."""
-    from blipkit.loading import check_remote_code, load_tokenizer, read_config
-
     path = Path(path)
     raw = read_config(path / "config.json")
     cfg = config_from_hf(raw, str(path / "config.json"))
