@@ -13,6 +13,7 @@ from blipkit.loading import Loaded
 from blipkit.models.blip2 import Visual
 from blipkit.models.decoding import Decoder, OnToken, Sampling
 from blipkit.models.family import capabilities, require
+from blipkit.models.llm_io import LLMInputs
 from blipkit.processing import ImageInput, as_image_list
 from blipkit.text import Prompt, fill
 
@@ -125,15 +126,18 @@ class Model:
         out: list[list[int]] = []
         for i in range(0, n, self.batch_size):
             rows = slice(i, i + self.batch_size)
-            chunk = prompts[rows]
             part = items.rows(rows) if isinstance(items, Visual) else items[rows]
-            visual = self.visual(part, [p.qformer_text for p in chunk])
-            prefix = self.model.visual_prompt(visual)  # (b, Q, Dl)
-            ids, mask = self.text.llm_batch([p.llm_ids for p in chunk])
-            inputs = self.model.llm_inputs(prefix, ids.to(self.device), mask.to(self.device))
+            inputs = self.llm_inputs(part, prompts[rows])
             sink = None if on_token is None else _offset(on_token, i)
             out += (decoder or self.decoder).generate(inputs, max_new_tokens, sampling or Sampling(), sink)
         return out
+
+    def llm_inputs(self, images: Any, prompts: Sequence[Prompt]) -> LLMInputs:
+        """What the LLM reads for a batch of (image, prompt) pairs: the visual prompt joined with the text."""
+        visual = self.visual(images, [p.qformer_text for p in prompts])
+        prefix = self.model.visual_prompt(visual)  # (b, Q, Dl)
+        ids, mask = self.text.llm_batch([p.llm_ids for p in prompts])
+        return self.model.llm_inputs(prefix, ids.to(self.device), mask.to(self.device))
 
     def generate(
         self,

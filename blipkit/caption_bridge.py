@@ -19,7 +19,8 @@ import torch
 from blipkit.api import Images, Model
 from blipkit.errors import ConfigError
 from blipkit.loading import BLIPKIT_FORMAT, Loaded, load_checkpoint, torch_dtype
-from blipkit.models.decoding import Decoder, OnToken, Sampling
+from blipkit.models.decoding import Sampling
+from blipkit.models.llm_io import LLMInputs
 from blipkit.parts import build_llm, load_tokenizer, read_config, resolve
 from blipkit.processing import ImageInput, as_image_list
 from blipkit.templates import Template, TokenizerTemplate
@@ -131,25 +132,15 @@ class CaptionThenLLM(Model):
             return template.with_image(f"Image: {caption}\n")
         return replace(template, prefix=f"Image: {{system}}\n{template.prefix}", system=caption)
 
-    @torch.inference_mode()
-    def complete(
-        self,
-        images: Any,
-        prompts: Sequence[Prompt],
-        max_new_tokens: int,
-        sampling: Sampling | None = None,
-        on_token: OnToken | None = None,
-        decoder: Decoder | None = None,
-    ) -> list[list[int]]:
-        """New token ids for each prompt; the prompts already hold their captions, so ``images`` is unused."""
-        out: list[list[int]] = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i : i + self.batch_size]
-            ids, mask = self.text.llm_batch([p.llm_ids for p in chunk])
-            inputs = self.model.text_inputs(ids.to(self.device), mask.to(self.device))
-            sink = None if on_token is None else (lambda row, tok, start=i: on_token(start + row, tok))
-            out += (decoder or self.decoder).generate(inputs, max_new_tokens, sampling or Sampling(), sink)
-        return out
+    def llm_inputs(self, images: Any, prompts: Sequence[Prompt]) -> LLMInputs:
+        """The prompts' text alone: they already hold their images' captions."""
+        ids, mask = self.text.llm_batch([p.llm_ids for p in prompts])
+        return self.model.text_inputs(ids.to(self.device), mask.to(self.device))
+
+    def complete(self, images: Any, prompts: Sequence[Prompt], *args: Any, **kwargs: Any) -> list[list[int]]:
+        """New token ids per prompt (see ``Model.complete``); ``images`` is not read: the captions are in the
+        prompts."""
+        return super().complete([None] * len(prompts), prompts, *args, **kwargs)
 
     def generate(
         self,
