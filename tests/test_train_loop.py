@@ -198,3 +198,17 @@ def test_keep_loss_and_weights_are_checked(tiny, tmp_path):
         _train(tiny, tmp_path / "none", stage1_weight=0, warm_start_steps=0, loss_weights="lm=0")
     with pytest.raises(Exception, match="no \\*.safetensors weights in .*nowhere"):
         _train(tiny, tmp_path / "missing", teacher=tmp_path / "nowhere")
+
+
+def test_init_from_refuses_integer_tensors(tiny, tmp_path):
+    """A float tensor stored as integers is named, not silently converted."""
+    from safetensors.torch import load_file, save_file
+
+    from blipkit.errors import CheckpointError
+
+    base = _train(tiny, tmp_path / "base", stage="stage1", max_steps=1)
+    weights = load_file(str(base / "bridge.safetensors"))
+    weights["qformer.temp"] = torch.tensor(1, dtype=torch.int64)
+    save_file(weights, str(base / "bridge.safetensors"))
+    with pytest.raises(CheckpointError, match=r"integer tensors.*temp"):
+        _train(tiny, tmp_path / "next", stage="stage1", max_steps=1, init_from=base)

@@ -71,9 +71,11 @@ def build_training_model(cfg: TrainConfig, model_cfg: Blip2Config) -> Blip2:
 def load_trained(model: Blip2, checkpoint: str | Path) -> None:
     """The Q-Former and bridge weights of a blipkit checkpoint dir, strictly (fp32)."""
     trained = loading.read_state_dict(Path(checkpoint) / loading.BRIDGE_FILE)
-    qformer = {k[len("qformer.") :]: v.float() for k, v in trained.items() if k.startswith("qformer.")}
+    # floats to fp32; anything else stays as it is, for the strict check to name it
+    trained = {k: v.float() if v.is_floating_point() else v for k, v in trained.items()}
+    qformer = {k[len("qformer.") :]: v for k, v in trained.items() if k.startswith("qformer.")}
     loading.load_strict(model.qformer, qformer, f"Q-Former weights of {checkpoint}")
-    bridge = {k[len("bridge.") :]: v.float() for k, v in trained.items() if k.startswith("bridge.")}
+    bridge = {k[len("bridge.") :]: v for k, v in trained.items() if k.startswith("bridge.")}
     if bridge and model.has_llm:
         loading.load_strict(model.bridge, bridge, f"bridge weights of {checkpoint}")
 
