@@ -58,7 +58,8 @@ COMMAND_GROUPS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blipkit",
-        description="BLIP-2 style vision-language models: caption, ask, chat, classify, similarity.",
+        description="Vision-language models (BLIP-2, InstructBLIP, LLaVA, CLIP, SigLIP): caption, ask, chat, "
+        "tag, classify, similarity, search, serve.",
         epilog="Examples:\n  blipkit caption examples/ --prompt 'a photo of'\n"
         "  blipkit ask examples/red_circle.png 'what shape is in the image?'\n"
         "  echo 'what color is it?' | blipkit chat examples/red_circle.png",
