@@ -19,7 +19,7 @@ from PIL import Image
 import blipkit
 from blipkit.data import easy_vqa
 from blipkit.eval.vqa_model import answer_questions, answer_type, select
-from blipkit.train.features import augmented_view
+from blipkit.train.features import augmented_geometry
 
 VARIANTS = ("none", "bigger", "moved", "paraphrased")
 
@@ -56,7 +56,7 @@ def bigger(image: Image.Image, path: str, size: int = 200) -> Image.Image:
 
 def moved(image: Image.Image, path: str) -> Image.Image:
     """The shape at another size and position on a larger canvas (a seed stream unused in training)."""
-    return augmented_view(image, random.Random(f"held-out/{path}"))
+    return augmented_geometry(image, random.Random(f"held-out/{path}"))
 
 
 def evaluate(model: blipkit.Model, limit: int = 0, variant: str = "none", split: str = "test") -> dict:

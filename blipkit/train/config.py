@@ -25,6 +25,8 @@ class TrainConfig:
     model: str = "default"  # architecture: a name in blipkit/configs or a model-config JSON file
     init_from: str | None = None  # blipkit checkpoint dir whose Q-Former (and bridge) start the run
     teacher: str | None = None  # stage 2: checkpoint whose visual prompts the "keep" loss holds the run to
+    keep_plain_view: bool = False  # keep loss: the teacher reads each image's plain view (view 0), so the
+    # run's prompts on augmented views learn the teacher's on the plain image (no LLM forward needed)
     qformer_init: str | None = "asset:all-minilm-l6-v2"  # BERT dir for the Q-Former (unused with init_from)
     trainable: str = ""  # comma-separated name prefixes to train (e.g. "qformer.text_proj"); "": all
     trust_remote_code: bool = False  # let the model's transformers dirs run the Python code they ship
@@ -37,8 +39,9 @@ class TrainConfig:
     caption_examples: bool = False  # stage 2 on VQA data: also learn "prompts.caption -> caption" per image
     caption_prompts: str = ""  # stage 2 with caption examples: "a photo of|this is|...": each caption also
     # comes once after one of these prompts in turn, continued by its words ("a photo of a" -> "red circle")
-    views: int = 1  # cached feature views per image: 1 plain + (views - 1) augmented (colour, background,
-    # size, position, aspect ratio, flip, JPEG: ``blipkit.train.features.scene_view``)
+    views: int = 1  # cached feature views per image: 1 plain + (views - 1) augmented
+    augment: str = "geometry"  # what augmented views change: "geometry" (size, position, flip: the shipped
+    # default's recipe) or "scene" (also colour within its name, background, aspect, JPEG: ``scene_view``)
     augment_prob: float = 0.5  # chance that an example uses one of its augmented views
     feature_cache: str | None = None  # default: <blipkit cache dir>/features
     max_text_tokens: int = 64  # Q-Former and LLM texts are cut to this many tokens
@@ -71,6 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.augment not in ("geometry", "scene"):
+            raise ConfigError(f"augment must be 'geometry' or 'scene', got {self.augment!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.warm_start_text not in ("caption", "target", "both"):

@@ -189,13 +189,21 @@ def augmented_geometry(image: Image.Image, rng: random.Random) -> Image.Image:
     return ImageOps.mirror(canvas) if rng.random() < 0.5 else canvas
 
 
-def augmented_view(image: Image.Image, rng: random.Random) -> Image.Image:
-    """One augmented view of ``image`` (see ``scene_view``)."""
-    return scene_view(image, rng)[0]
+AUGMENTS = ("geometry", "scene")  # what views 1.. change: size/place/mirror, or also colour/background/JPEG
 
 
-def cache_key(images: list[str], processor: ImageProcessor, encoder_name: str, views: int, seed: int) -> str:
-    blob = json.dumps([encoder_name, processor.to_dict(), views, seed, images, AUGMENT_VERSION])
+def augmented_view(image: Image.Image, rng: random.Random, augment: str = "scene") -> Image.Image:
+    """One augmented view of ``image``: ``augment_geometry`` or ``scene_view``."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTS}")
+    return augmented_geometry(image, rng) if augment == "geometry" else scene_view(image, rng)[0]
+
+
+def cache_key(
+    images: list[str], processor: ImageProcessor, encoder_name: str, views: int, seed: int, augment: str
+) -> str:
+    scene = [augment, AUGMENT_VERSION] if augment != "geometry" else []  # geometry views: the original key
+    blob = json.dumps([encoder_name, processor.to_dict(), views, seed, images, *scene])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -209,6 +217,7 @@ def compute_features(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    augment: str = "geometry",
 ) -> np.ndarray:
     """Run the frozen encoder over every (image, view); write (N, V, P, Dv) fp16 to ``out_file``."""
     from tqdm.auto import tqdm
@@ -223,7 +232,7 @@ def compute_features(
         for i, v in chunk:
             image = load_image(images[i])
             if v:
-                image = augmented_view(image, random.Random(f"{seed}/{i}/{v}"))
+                image = augmented_view(image, random.Random(f"{seed}/{i}/{v}"), augment)
             pixels.append(processor.preprocess(image))
         feats = encoder(torch.stack(pixels)).float().numpy().astype(np.float16)  # (b, P, Dv)
         if array is None:
@@ -249,16 +258,17 @@ def cached_features(
     seed: int = 0,
     is_main: bool = True,
     barrier=lambda: None,
+    augment: str = "geometry",
 ) -> np.ndarray:
     """Features (N, V, P, Dv) fp16 (memory-mapped) for ``images``; the main process computes missing ones
     with the encoder ``make_encoder()`` builds, while the others wait at ``barrier``."""
-    folder = cache_root / cache_key(images, processor, encoder_name, views, seed)
+    folder = cache_root / cache_key(images, processor, encoder_name, views, seed, augment)
     file = folder / FEATURES_FILE
     if is_main and not file.exists():
         folder.mkdir(parents=True, exist_ok=True)
         (folder / INDEX_FILE).write_text(json.dumps({"encoder": encoder_name, "images": images}))
         start = time.perf_counter()
-        compute_features(make_encoder(), images, processor, file, views, seed)
+        compute_features(make_encoder(), images, processor, file, views, seed, augment=augment)
         print(f"cached {len(images)} x {views} image features in {time.perf_counter() - start:.0f} s: {file}")
     barrier()
     return np.load(file, mmap_mode="r")

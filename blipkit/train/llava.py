@@ -209,6 +209,7 @@ class LlavaTrainer(Trainer):
             cfg.seed,
             self.env.is_main,
             self.env.barrier,
+            augment=self.cfg.augment,
         )
 
     # --- one step -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -206,6 +207,7 @@ class Trainer:
             self.cfg.seed,
             self.env.is_main,
             self.env.barrier,
+            augment=self.cfg.augment,
         )
 
     def _warm_start_texts(self, examples) -> tuple[list[str], list[str]]:
@@ -329,8 +331,12 @@ class Trainer:
             qformer_attention_mask=mask.to(self.device),
         )
 
-    def _keep(self, visual: Visual, prefix: Tensor) -> Tensor:
-        """Mean relative distance of the visual prompt tokens to the teacher's on the same inputs."""
+    def _keep(self, visual: Visual, prefix: Tensor, examples: np.ndarray) -> Tensor:
+        """Mean relative distance of the visual prompt tokens to the teacher's on the same inputs (with
+        ``keep_plain_view``: on the plain view of the same images, so augmented views learn its prompt)."""
+        if self.cfg.keep_plain_view:
+            plain = self._image_embeds(examples, np.zeros(len(examples), dtype=np.int64))[self._rows()]
+            visual = dataclasses.replace(visual, image_embeds=plain)
         with torch.no_grad():
             target = self.teacher.visual_prompt(visual)  # (b, Q, Dl)
         return relative_distance(prefix, target, self.keep_scale) / (self.cfg.batch_size * prefix.shape[1])
@@ -339,7 +345,7 @@ class Trainer:
         cfg, rows = self.cfg, self._rows()
         visual = self._visual(examples, image_embeds)
         prefix = self.model.visual_prompt(visual)  # (b, Q, Dl)
-        losses = {"keep": self._keep(visual, prefix)} if self.teacher is not None else {}
+        losses = {"keep": self._keep(visual, prefix, examples)} if self.teacher is not None else {}
         if step < cfg.warm_start_steps:
             targets = self._warm_start_targets(examples[rows], prefix.shape[1])  # (b, Q)
             table = self.model.llm.get_input_embeddings().weight
