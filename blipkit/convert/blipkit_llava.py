@@ -62,7 +62,7 @@ def default_config(pool: int = 1) -> LlavaConfig:
 
 def build_vision(cfg: LlavaConfig, base: Path | None, dtype: torch.dtype) -> VisionTower:
     """The frozen tower of ``cfg.vision.pretrained``, reporting the rows it gives at the processor's size."""
-    from blipkit.loading import resolve
+    from blipkit.parts import resolve
 
     if not cfg.vision.pretrained:
         raise CheckpointError("a blipkit LLaVA checkpoint needs vision.pretrained (an asset name or a dir)")
@@ -88,7 +88,7 @@ def build_model(
 ) -> Llava:
     """A ``Llava`` with frozen referenced parts; ``projector`` (``linear_1.*`` ...) is loaded strictly, or
     left freshly initialised (fp32) when None (training from scratch)."""
-    from blipkit.loading import build_llm
+    from blipkit.parts import build_llm
 
     vision = build_vision(cfg, base, dtype).requires_grad_(False).eval()
     llm = build_llm(cfg.llm, None, base, dtype, trust_remote_code)
@@ -118,7 +118,7 @@ def load(
     path: str | Path, raw: dict[str, Any], dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[Llava, Any, ImageProcessor]:
     """A blipkit LLaVA checkpoint dir -> (``Llava``, LLM tokenizer, ``ImageProcessor``)."""
-    from blipkit.loading import load_tokenizer, resolve
+    from blipkit.parts import load_tokenizer, resolve
 
     path = Path(path)
     cfg = LlavaConfig.from_dict(raw.get("config"), source=str(path / "config.json"))
