@@ -35,7 +35,7 @@ from blipkit.processing import ImageProcessor
 from blipkit.text import TextProcessor
 from blipkit.train import batches
 from blipkit.train.config import TrainConfig
-from blipkit.train.distributed import DistEnv, init_distributed
+from blipkit.train.distributed import DistEnv
 from blipkit.train.features import cached_features
 from blipkit.train.loop import Trainer, make_optimizer
 from blipkit.train.schedule import DataOrder, lr_factor
@@ -106,16 +106,7 @@ class LlavaTrainer(Trainer):
     ):
         if cfg.stage not in STAGE_KINDS:
             raise ConfigError(f"LlavaTrainer trains {sorted(STAGE_KINDS)}, not {cfg.stage!r}")
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.env = env or init_distributed()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        if cfg.batch_size % self.env.world_size:
-            raise ConfigError(
-                f"batch_size {cfg.batch_size} is not divisible by {self.env.world_size} processes"
-            )
-        torch.manual_seed(cfg.seed)
-        self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self._start(cfg, out_dir, env)
         self.model_cfg = llava_model_config(cfg)
         self.teacher = None
         self.model = self._build_model().to(self.device)

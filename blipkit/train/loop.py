@@ -109,9 +109,8 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 class Trainer:
-    def __init__(
-        self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False, env: DistEnv | None = None
-    ):
+    def _start(self, cfg: TrainConfig, out_dir: str | Path, env: DistEnv | None) -> None:
+        """What every trainer sets up first: config, output dir, processes, threads, seed, device."""
         self.cfg, self.out = cfg, Path(out_dir)
         self.env = env or init_distributed()
         if cfg.threads:
@@ -122,6 +121,11 @@ class Trainer:
             )
         torch.manual_seed(cfg.seed)
         self.device = torch.device(f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu")
+
+    def __init__(
+        self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False, env: DistEnv | None = None
+    ):
+        self._start(cfg, out_dir, env)
         self.model_cfg = model_config(cfg)
         self.model_cfg.qformer.max_text_tokens = cfg.max_text_tokens  # recorded in the checkpoints
         self.model = build_training_model(cfg, self.model_cfg).to(self.device)
