@@ -130,6 +130,15 @@ _SPECIALS: dict[str, tuple[list[str], str, str, dict[str, str]]] = {
 }
 
 
+def perturb(model: torch.nn.Module, seed: int, noise: float) -> None:
+    """Add seeded ``randn * noise`` to every parameter, so that none sits at its init value and a wrong key
+    mapping cannot go unnoticed (the global RNG is untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
+
+
 def make_tokenizer(kind: str, image_token: bool = False) -> transformers.PreTrainedTokenizerFast:
     """A word-level fast tokenizer over ``WORDS`` with the special tokens of ``kind`` (opt/llama/t5/bert).
 
@@ -304,10 +313,7 @@ def make_blip2(
         model = cls._from_config(config, attn_implementation="eager")
         if llm == "t5" and not retrieval:
             _untie_t5_lm_head(model)
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
+        perturb(model, seed + 1, noise)
     model.eval()
 
     path = os.fspath(path)

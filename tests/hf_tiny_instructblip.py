@@ -24,7 +24,7 @@ import os
 
 import torch
 import transformers
-from hf_tiny import IMAGE_TOKEN, _text_config, _untie_t5_lm_head, make_tokenizer
+from hf_tiny import IMAGE_TOKEN, _text_config, _untie_t5_lm_head, make_tokenizer, perturb
 from transformers import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
@@ -87,10 +87,7 @@ def make_instructblip(
         model = InstructBlipForConditionalGeneration._from_config(config, attn_implementation="eager")
         if llm == "t5":
             _untie_t5_lm_head(model)
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
+        perturb(model, seed + 1, noise)
     model.eval()
 
     path = os.fspath(path)

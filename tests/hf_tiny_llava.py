@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from hf_tiny import IMAGE_TOKEN, make_tokenizer
+from hf_tiny import IMAGE_TOKEN, make_tokenizer, perturb
 from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPVisionConfig,
@@ -125,10 +125,7 @@ def make_llava(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
+        perturb(model, seed + 1, noise)
     model.eval()
     path = os.fspath(path)
     model.save_pretrained(path)
