@@ -225,17 +225,7 @@ class LlavaTrainer(Trainer):
             prefix = self.model.visual_prompt(Visual(image_embeds=image_embeds[rows]))  # (b, P, Dl)
             inputs = self.model.llm_inputs(prefix, ids, mask)  # (b, T + P - 1, Dl)
             loss = self.model.lm_loss(inputs, labels, reduction="sum") / count
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        from blipkit.train.distributed import sum_gradients
-
-        sum_gradients(self.trainable, self.env)
-        if self.cfg.grad_clip:
-            params = [p for p in self.trainable.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr = self._apply(loss)
         value = loss.detach().float().reshape(1)
         if self.env.enabled:
             torch.distributed.all_reduce(value)

@@ -109,6 +109,20 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 class Trainer:
+    def _apply(self, loss: Tensor) -> float:
+        """One optimiser step on ``loss``: backward, gradients summed over processes, clipped; returns the
+        learning rate the step used."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sum_gradients(self.trainable, self.env)
+        if self.cfg.grad_clip:
+            params = [p for p in self.trainable.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        return lr
+
     def _start(self, cfg: TrainConfig, out_dir: str | Path, env: DistEnv | None) -> None:
         """What every trainer sets up first: config, output dir, processes, threads, seed, device."""
         self.cfg, self.out = cfg, Path(out_dir)
@@ -382,15 +396,7 @@ class Trainer:
             else:
                 losses = self._stage2(examples, image_embeds, step)
         total = sum(self.cfg.loss_weight.get(k, 1.0) * v for k, v in losses.items())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        sum_gradients(self.trainable, self.env)
-        if self.cfg.grad_clip:
-            params = [p for p in self.trainable.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr = self._apply(total)
         values = torch.stack([v.detach().float() for v in (total, *losses.values())])
         if self.env.enabled:
             torch.distributed.all_reduce(values)
