@@ -14,6 +14,7 @@ import traceback
 from blipkit.batch import cli as batch_cli
 from blipkit.batch import tag_cli
 from blipkit.cli_options import add_model_args, add_via_caption, load_model
+from blipkit.convert import export_cli
 from blipkit.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, BlipkitError
 from blipkit.eval import cli as eval_cli
 from blipkit.retrieval import cli as retrieval_cli
@@ -52,6 +53,7 @@ COMMAND_GROUPS = (
     eval_cli.register,
     train_cli.register,
     serve_cli.register,
+    export_cli.register,
 )
 
 
