@@ -1,4 +1,10 @@
-"""``blipkit caption``: caption files and folders into JSONL, CSV, Parquet or sidecar .txt files."""
+"""``blipkit caption``: caption files and folders into JSONL, CSV, Parquet or sidecar .txt files.
+
+Also lists of images (.jsonl/.csv), webdataset .tar shards, parquet files with image bytes and Hugging Face
+imagefolder dirs (``blipkit.data.formats``). The samples of shards and parquet files are rows
+``{key, source, caption}`` or ``{key, source, error}``: the sample's key (img2dataset's ``key``, to join on)
+and the file holding it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from blipkit.batch.files import iter_images, missing_paths
+from blipkit.batch.files import missing_paths
 from blipkit.batch.job import Job, Summary, default_workers
-from blipkit.batch.writers import FORMATS, Sink, open_sink
+from blipkit.batch.writers import COLUMNS, FORMATS, Sink, open_sink, sample_columns
+from blipkit.data.formats import Inputs
 from blipkit.errors import EXIT_USAGE, UsageError
 
 
@@ -20,9 +28,16 @@ def register(subparsers, add_model_args: Callable[[argparse.ArgumentParser], Non
         help="caption images and folders (rows {path, caption} or {path, error}); resumes --out",
         description="Caption image files and folders. Rows {path, caption}, or {path, error} for files that "
         "cannot be read. An existing --out is resumed: images already in it are skipped. One run at a time "
-        "writes an --out (it holds <out>.lock). Exit code 3 when some images failed.",
+        "writes an --out (it holds <out>.lock). Exit code 3 when some images failed. Also reads .jsonl/.csv "
+        "lists of images (an image or path field), webdataset .tar shards and parquet files with image bytes "
+        "(img2dataset's layouts: rows {key, source, caption}) and Hugging Face imagefolder dirs.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders, .jsonl/.csv lists, .tar shards, .parquet files, imagefolder dirs",
+    )
     p.add_argument("--prompt", default=None, help="text the caption continues, e.g. 'a photo of'")
     p.add_argument("--out", default=None, help="output file (default: JSONL on stdout); resumed if it exists")
     p.add_argument(
@@ -111,14 +126,34 @@ def report_missing(paths: list[str]) -> bool:
     return bool(missing)
 
 
-def run_job(job: Job, run: Callable[[Job, Sink], Summary], **sink_options) -> int:
-    """Open ``job``'s output (``open_sink`` with ``sink_options``), ``run`` it, close it, print the summary.
+def no_images(inputs: Inputs) -> UsageError:
+    """The error for inputs without a single image; shards and parquet files in a folder are named there."""
+    folders = [Path(p) for p in inputs.paths if os.path.isdir(p)]
+    held = [f"{d}/*{suffix}" for d in folders for suffix in (".tar", ".parquet") if any(d.glob(f"*{suffix}"))]
+    hint = f" (shards and parquet files in a folder are read when named: {held[0]})" if held else ""
+    return UsageError("no images found in " + " ".join(inputs.paths) + hint)
+
+
+def run_job(
+    job: Job, run: Callable[[Job, Sink], Summary], columns: tuple[str, ...] = COLUMNS, **options
+) -> int:
+    """Open ``job``'s output (``open_sink`` with ``columns`` and ``options``), ``run`` it, close it, print the
+    summary. Samples of shards and parquet files get the ``sample_columns`` of ``columns``.
 
     Returns the exit code: 0, or 3 when some images failed. No images at all is a ``UsageError``.
     """
-    if next(iter_images(job.paths, job.recursive), None) is None:
-        raise UsageError("no images found in " + " ".join(job.paths))
-    sink = open_sink(job.format, job.out, job.overwrite, **sink_options)
+    inputs = job.inputs
+    keyed = inputs.keyed()
+    if keyed and job.format == "txt":
+        raise UsageError(
+            "--format txt writes a .txt next to each image file: shards and parquet files have "
+            "none; use jsonl, csv or parquet"
+        )
+    if next(inputs.samples(images=False), None) is None:
+        raise no_images(inputs)
+    sink = open_sink(
+        job.format, job.out, job.overwrite, sample_columns(columns) if keyed else columns, **options
+    )
     try:
         summary = run(job, sink)
     finally:

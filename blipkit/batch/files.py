@@ -2,6 +2,7 @@
 
 Symbolic links are followed, each real folder at most once (a link back up the tree is not walked again).
 A link with an image name that leads nowhere is listed: reading it fails with "broken symbolic link".
+Other inputs (lists, shards, parquet files, imagefolder dirs) are read by ``blipkit.data.formats``.
 """
 
 from __future__ import annotations
@@ -9,10 +10,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import PIL.Image
+
+
+class Loader(Protocol):
+    """Gives an image's bytes on demand (e.g. a shard member, ``blipkit.data.formats.TarMember``)."""
+
+    def read(self) -> bytes: ...
+
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -66,9 +74,14 @@ def missing_paths(paths: Iterable[str]) -> list[str]:
     return [p for p in paths if not os.path.exists(p)]
 
 
-def iter_images(paths: Iterable[str], recursive: bool = False) -> Iterator[Path]:
-    """Image files named directly (any extension) or found in folders (by extension), lazily."""
-    seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders listed
+def iter_images(
+    paths: Iterable[str], recursive: bool = False, seen: set[tuple[int, int]] | None = None
+) -> Iterator[Path]:
+    """Image files named directly (any extension) or found in folders (by extension), lazily.
+
+    ``seen`` holds (st_dev, st_ino) of the folders listed; pass one set to several calls to list each once.
+    """
+    seen = set() if seen is None else seen
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
@@ -99,11 +112,17 @@ def broken_link(path: str | os.PathLike) -> str | None:
     return None
 
 
-def load_listed(path: str | os.PathLike) -> PIL.Image.Image:
-    """``load_image`` for a listed file; a broken symbolic link is an ``ImageError`` that says so."""
+def load_listed(image: str | os.PathLike | bytes | Loader | None) -> PIL.Image.Image:
+    """``load_image`` for a listed image: a file (a broken symbolic link is an ``ImageError`` that says so),
+    the image's bytes, or a loader of ``blipkit.data.formats`` (a shard member: ``read()`` gives bytes)."""
+    from blipkit.data.formats import NO_IMAGE
     from blipkit.processing import ImageError, load_image
 
-    reason = broken_link(path)
-    if reason is not None:
-        raise ImageError(os.fspath(path), reason)
-    return load_image(path)
+    if image is None:
+        raise ImageError("<sample>", NO_IMAGE)
+    if isinstance(image, (str, os.PathLike)):
+        reason = broken_link(image)
+        if reason is not None:
+            raise ImageError(os.fspath(image), reason)
+        return load_image(image)
+    return load_image(image if isinstance(image, (bytes, bytearray)) else image.read())

@@ -7,10 +7,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from blipkit.batch.decode import Item
-from blipkit.batch.files import iter_images, key_of
-from blipkit.batch.writers import Sink
+from blipkit.batch.writers import SampleId, Sink
+from blipkit.data.formats import Inputs, Unreadable
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
 
@@ -26,7 +27,7 @@ def default_workers() -> int:
 
 @dataclass
 class Job:
-    paths: list[str]
+    paths: list[str]  # image files, folders, lists, shards, parquet files, imagefolder dirs (``Inputs``)
     out: str | None = None
     format: str = "jsonl"
     recursive: bool = False
@@ -43,6 +44,10 @@ class Job:
     threads: int | None = None
     progress: bool = False
     concurrency: int = 1
+
+    @cached_property
+    def inputs(self) -> Inputs:
+        return Inputs(tuple(self.paths), self.recursive)
 
 
 @dataclass
@@ -61,34 +66,40 @@ class Summary:
         return f"{self.verb} {self.captioned}, skipped {self.skipped}, failed {self.failed}"
 
 
-def pending(job: Job, sink: Sink, summary: Summary) -> Iterator[Item]:
-    """Images not yet in the output, each once, lazily; counts the skipped ones.
+def pending(job: Job, sink: Sink, summary: Summary, images: bool = True) -> Iterator[Item]:
+    """(name, image) of the samples not yet in the output, each once, lazily; counts the skipped ones.
 
-    An image the output cannot hold (``sink.conflict``) gets its error row here and is not captioned.
+    The name is a resolved path or a ``SampleId``; the image a path, bytes or a loader (``None`` with
+    ``images=False``). A sample the output cannot hold (``sink.conflict``), or one without a readable image
+    (a shard member missing, a shard cut short), gets its error row here and is not captioned.
     """
     seen: set[str] = set()
-    for path in iter_images(job.paths, job.recursive):
-        key = key_of(path)
+    for sample in job.inputs.samples(images=images):
+        key = sample.id
         if key in seen or sink.is_done(key):
             summary.skipped += key not in seen
             seen.add(key)
             continue
         seen.add(key)
-        reason = sink.conflict(key)
+        reason = sample.image.reason if isinstance(sample.image, Unreadable) else sink.conflict(key)
         if reason is not None:
             sink.write(result_rows([key], {}, {key: reason}))
             summary.failed += 1
             continue
-        yield key, str(path)
+        yield key, sample.image
+
+
+def row_name(key: str) -> dict[str, str]:
+    """The columns naming a sample in an output row: ``{"path"}``, or ``{"key", "source"}`` (``SampleId``)."""
+    return key.fields() if isinstance(key, SampleId) else {"path": key}
 
 
 def result_rows(
     keys: list[str], results: dict[str, object], errors: dict[str, str], column: str = "caption"
 ) -> list[dict]:
-    """Output rows in input order: ``{"path", column}`` (``"caption"``) or ``{"path", "error"}``."""
-    return [
-        {"path": k, column: results[k]} if k in results else {"path": k, "error": errors[k]} for k in keys
-    ]
+    """Output rows in input order: ``{"path", column}`` (``"caption"``) or ``{"path", "error"}``, with
+    ``{"key", "source"}`` in place of ``"path"`` for samples of shards and parquet files."""
+    return [row_name(k) | ({column: results[k]} if k in results else {"error": errors[k]}) for k in keys]
 
 
 class Progress:
@@ -106,8 +117,8 @@ class Progress:
 
     def _count(self, job: Job) -> None:
         try:
-            self.found = sum(1 for _ in iter_images(job.paths, job.recursive))
-        except OSError:
+            self.found = sum(1 for _ in job.inputs.samples(images=False))
+        except Exception:  # only the bar's total: reading the inputs reports its errors elsewhere
             pass
 
     def update(self, n: int) -> None:

@@ -2,7 +2,10 @@
 
 Every sink answers ``is_done(path)`` (already in the output) and ``conflict(path)`` (why it cannot hold that
 image), takes rows ``{"path", "caption"}`` (or another result, e.g. ``"tags"``) or ``{"path", "error"}`` and
-is closed at the end. A sink holds an exclusive lock on its output file from start to close (see ``lock.py``).
+is closed at the end. Samples of webdataset shards and parquet files are rows ``{"key", "source", "caption"}``
+(``sample_columns``): ``key`` is the sample's key, as in img2dataset's parquet files, to join on; ``source``
+the shard or parquet file; a sample is named by both (``SampleId``). A sink holds an exclusive lock on its
+output file from start to close (see ``lock.py``).
 JSONL is appended in whole lines (a torn last line is cut off on resume); CSV and Parquet are rewritten to a
 temporary file and renamed over the output, so a kill leaves the previous file or the new one, never a mix. A
 write that fails (a full disk) is undone before the error is raised, so the output is always as it was after
@@ -34,7 +37,35 @@ from blipkit.extras import require
 
 FORMATS = ("jsonl", "csv", "parquet", "txt")
 COLUMNS = ("path", "caption", "error")
+ID_COLUMNS = ("key", "source")  # name a sample held in a shard or parquet file, in place of "path"
 SidecarText = Callable[[dict], str]  # a result row -> the text of its sidecar file
+
+
+class SampleId(str):
+    """The output name of a sample held in a shard or parquet file: the text ``"<source>#<key>"``, with both
+    parts kept (``source``, ``key``); equal to any ``str`` of the same text."""
+
+    source: str
+    key: str
+
+    def __new__(cls, source: str, key: str) -> SampleId:
+        self = super().__new__(cls, f"{source}#{key}")
+        self.source, self.key = source, key
+        return self
+
+    def __reduce__(self):
+        return SampleId, (self.source, self.key)
+
+    def fields(self) -> dict[str, str]:
+        """The columns of an output row: ``{"key", "source"}``."""
+        return {"key": self.key, "source": self.source}
+
+
+def row_id(row: dict) -> str:
+    """The name of the image an output row is about: its ``path``, or ``SampleId(source, key)``."""
+    if "path" in row:
+        return row["path"]
+    return SampleId(row["source"], row["key"] or "")
 
 
 class Sink(Protocol):
@@ -117,7 +148,7 @@ class JsonlSink:
                     break  # a line torn by a killed writer: cut off below, its image is redone
                 good += len(line)
                 try:
-                    done.add(json.loads(line)["path"])
+                    done.add(row_id(json.loads(line)))
                 except (ValueError, KeyError, TypeError):
                     pass  # not one of our rows: left as it is
         if good != out.stat().st_size:
@@ -224,7 +255,7 @@ class CsvSink(_SnapshotSink):
         with open(self.out, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             self._check_columns(reader.fieldnames)
-            return {row["path"] for row in reader}
+            return {row_id(row) for row in reader}
 
     def _snapshot(self, rows: list[dict]) -> None:
         with open(self.tmp, "w", newline="", encoding="utf-8") as f:
@@ -253,7 +284,8 @@ class ParquetSink(_SnapshotSink):
         import pyarrow.parquet as pq
 
         self._check_columns(pq.read_schema(self.out).names)
-        return set(pq.read_table(self.out, columns=["path"]).column("path").to_pylist())
+        ids = [c for c in self.columns if c == "path" or c in ID_COLUMNS]
+        return {row_id(row) for row in pq.read_table(self.out, columns=ids).to_pylist()}
 
     def _snapshot(self, rows: list[dict]) -> None:
         import pyarrow as pa
@@ -267,6 +299,11 @@ class ParquetSink(_SnapshotSink):
             if rows:
                 table = pa.Table.from_pylist(rows, self.schema)
                 writer.write_table(table)
+
+
+def sample_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns of an output of samples held in shards or parquet files: ``ID_COLUMNS`` for ``"path"``."""
+    return tuple(c for column in columns for c in (ID_COLUMNS if column == "path" else (column,)))
 
 
 def sidecar(path: str) -> Path:

@@ -1,15 +1,21 @@
-"""Turn a data spec ("easy-vqa:train", a captions .jsonl/.csv, a VQA .jsonl) into training examples."""
+"""Turn a data spec into training examples: "easy-vqa:train", a captions .jsonl/.csv, a VQA .jsonl, webdataset
+.tar shards or .parquet files (a path or a glob, "shards/*.tar"), an imagefolder or ``save_to_disk`` dir, or
+"hf:NAME[:SPLIT]" (a Hugging Face dataset: a hub id or a dir; split "train" by default)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from blipkit.data import easy_vqa
-from blipkit.data.files import DataError, is_vqa_file, read_captions, read_vqa
+from blipkit.data import easy_vqa, formats
+from blipkit.data.files import DataError, is_vqa_file, read_captions, read_vqa, sample_examples
 from blipkit.data.records import CaptionExample, VqaExample
 
 EASY_VQA = "easy-vqa:"
+HF = "hf:"
+GLOB = ("*", "?", "[")
 
 
 @dataclass
@@ -35,13 +41,39 @@ class TrainingSet:
         self._position = {path: i for i, path in enumerate(self.images)}
 
 
+def held_samples(spec: str) -> Iterator[formats.Sample] | None:
+    """The samples (with metadata) of a spec naming shards, parquet files or a Hugging Face dataset; None for
+    other specs (files of rows)."""
+    if spec.startswith(HF):
+        name, _, split = spec[len(HF) :].partition(":")
+        return formats.hf_samples(name, split or "train")
+    if Path(spec).is_dir():
+        return formats.hf_samples(spec)
+    if not Path(spec).exists() and any(c in spec for c in GLOB):
+        paths = sorted(glob.glob(spec))
+        if not paths:
+            raise DataError(f"{spec}: no files match")
+    elif formats.kind_of(spec) in formats.CONTAINERS:
+        paths = [spec]
+    else:
+        return None
+    others = sorted({p for p in paths if formats.kind_of(p) not in formats.CONTAINERS})
+    if others:
+        raise DataError(f"{spec}: expected webdataset .tar shards or .parquet files, got {others[0]}")
+    return formats.Inputs(tuple(paths)).samples(meta=True)
+
+
 def read_examples(spec: str, image_root: str | None = None) -> tuple[list[str], list]:
     """(image paths, examples) of a data spec; the examples are CaptionExample or VqaExample."""
     if spec.startswith(EASY_VQA):
         split = spec[len(EASY_VQA) :]
         images = sorted(set(easy_vqa.image_paths(split).values()))
         return images, easy_vqa.vqa_examples(split)
-    examples = read_vqa(spec, image_root) if is_vqa_file(spec) else read_captions(spec, image_root)
+    samples = held_samples(spec)
+    if samples is not None:
+        examples = sample_examples(samples, spec)
+    else:
+        examples = read_vqa(spec, image_root) if is_vqa_file(spec) else read_captions(spec, image_root)
     return sorted({e.image for e in examples}), examples
 
 

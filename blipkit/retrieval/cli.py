@@ -16,8 +16,19 @@ from blipkit.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
 
 
 def register(subparsers, add_model_args) -> None:
-    p = subparsers.add_parser("index", help="embed image folders into a searchable index (resumable)")
-    p.add_argument("paths", nargs="+", metavar="FOLDER", help="image folders or files")
+    p = subparsers.add_parser(
+        "index",
+        help="embed image folders into a searchable index (resumable)",
+        description="Embed images into a searchable index; an existing one is extended. Reads image files, "
+        "folders, .jsonl/.csv lists of images, webdataset .tar shards, parquet files with image bytes and "
+        "Hugging Face imagefolder dirs; a sample of a shard or parquet file is named '<file>#<key>'.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FOLDER",
+        help="image folders or files, .jsonl/.csv lists, .tar shards, .parquet files, imagefolder dirs",
+    )
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder (an existing one is extended)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default 32)")
@@ -110,11 +121,13 @@ class _Bar:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from blipkit.batch.cli import no_images
+    from blipkit.data.formats import Inputs
     from blipkit.retrieval.index import build_index, index_lock
 
-    files = list(iter_images(args.paths, args.recursive))
-    if not files:
-        raise UsageError("no images found in " + " ".join(args.paths))
+    files = Inputs(tuple(args.paths), args.recursive)
+    if next(files.samples(images=False), None) is None:
+        raise no_images(files)
     with index_lock(args.out):  # before the model loads: a second run stops at once
         model = load_model(args)
         bar = _Bar("index", args.progress or sys.stderr.isatty())

@@ -8,7 +8,8 @@ Layout of an index folder::
     parts/                   batches written while building; merged into the files above at the end
 
 A file name is data: JSON escapes newlines, U+2028 and the bytes that are not UTF-8, so no name can shift
-the rows. Indexes with the older ``paths.txt`` (one plain path per line) are read too.
+the rows. Indexes with the older ``paths.txt`` (one plain path per line) are read too. A sample of a
+webdataset shard or parquet file is named ``"<shard or parquet file>#<key>"`` (``blipkit.data.formats``).
 
 Building streams batches to ``parts/`` as it goes, so an interrupted build resumes where it stopped and a
 folder that gained images only embeds the new ones. A build holds ``<index>.lock``: one at a time.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from blipkit.batch.lock import OutputLock
+    from blipkit.data.formats import Inputs
 
 __all__ = ["BuildResult", "ImageIndex", "build_index", "index_lock"]
 
@@ -139,9 +141,33 @@ class BuildResult:
     failed: list[tuple[str, str]]  # (path, reason)
 
 
+def _listing(
+    files: Iterable[str | os.PathLike] | Inputs,
+) -> tuple[list[str], Callable[[set[str]], Iterator[tuple[str, object]]]]:
+    """(the names of ``files``, each once, in order; ``images(names)``: (name, image) of those names).
+
+    ``files`` are image paths, or the ``Inputs`` of the command line (lists, shards, parquet files, ...),
+    listed without their images first, then read again for the images that are not in the index yet."""
+    from blipkit.batch.files import key_of
+    from blipkit.data.formats import Inputs
+
+    if not isinstance(files, Inputs):
+        names = list(dict.fromkeys(key_of(Path(f)) for f in files))
+        return names, lambda todo: ((name, name) for name in names if name in todo)
+    inputs = files
+
+    def images(todo: set[str]) -> Iterator[tuple[str, object]]:
+        for sample in inputs.samples():
+            if sample.id in todo:
+                todo.discard(sample.id)
+                yield sample.id, sample.image
+
+    return list(dict.fromkeys(s.id for s in inputs.samples(images=False))), images
+
+
 def build_index(
     model,
-    files: Iterable[str | os.PathLike],
+    files: Iterable[str | os.PathLike] | Inputs,
     out: str | os.PathLike,
     model_name: str = "default",
     batch_size: int = 32,
@@ -149,7 +175,7 @@ def build_index(
     on_batch=None,
     lock: bool = True,
 ) -> BuildResult:
-    """Embed ``files`` into the index folder ``out``, skipping images it already holds.
+    """Embed ``files`` (image paths, or ``Inputs``) into the index folder ``out``, skipping images it holds.
 
     Unreadable images are reported in ``failed`` and tried again next time. ``on_batch(done, total)`` is
     called after every batch. The build holds ``index_lock(out)`` unless ``lock`` is False (the caller
@@ -157,7 +183,8 @@ def build_index(
     """
     from safetensors.torch import save_file
 
-    from blipkit.batch.files import key_of, load_listed
+    from blipkit.batch.decode import chunks
+    from blipkit.batch.files import load_listed
     from blipkit.processing import ImageError
 
     out = Path(out)
@@ -173,7 +200,7 @@ def build_index(
                 "use --overwrite to rebuild it"
             )
         done = set(existing.paths) if existing else set()
-        wanted = list(dict.fromkeys(key_of(Path(f)) for f in files))
+        wanted, read = _listing(files)
         todo = [f for f in wanted if f not in done]
         parts = out / PARTS
         parts.mkdir(parents=True, exist_ok=True)
@@ -182,14 +209,15 @@ def build_index(
             _atomic(out / META, lambda p: Path(p).write_text(json.dumps(meta) + "\n"))
         start = len(list(parts.glob("*.safetensors")))
         failed: list[tuple[str, str]] = []
-        for n, i in enumerate(range(0, len(todo), batch_size)):
+        for n, chunk in enumerate(chunks(read(set(todo)), batch_size)):
+            i = n * batch_size
             images, names = [], []
-            for path in todo[i : i + batch_size]:
+            for name, image in chunk:
                 try:
-                    images.append(load_listed(path))
-                    names.append(path)
+                    images.append(load_listed(image))
+                    names.append(name)
                 except ImageError as e:
-                    failed.append((path, e.reason))
+                    failed.append((name, e.reason))
             if images:
                 emb = model.image_query_embeddings(images).cpu()  # (b, Q, E)
                 stem = parts / f"{start + n:06d}"
