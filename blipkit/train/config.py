@@ -34,7 +34,9 @@ class TrainConfig:
     conversation_kinds: str = ""  # llava stages: "vqa,caption,describe,chat" ("": llava1 caption, llava2 all)
     chats_per_image: int = 1  # llava stages: multi-turn conversations per image
     # --- data -----------------------------------------------------------------------------------------------
-    data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl
+    data: str = "easy-vqa:train"  # "easy-vqa:train", captions .jsonl/.csv, or VQA .jsonl; webdataset .tar
+    # shards or .parquet files with image bytes (a path or a glob: "shards/*.tar"); an imagefolder dir
+    # (metadata.jsonl: file_name, text); "hf:NAME[:SPLIT]" (a Hugging Face dataset: hub id or dir; "train")
     image_root: str | None = None  # where relative image paths start (default: the data file's folder)
     caption_examples: bool = False  # stage 2 on VQA data: also learn "prompts.caption -> caption" per image
     caption_prompts: str = ""  # stage 2 with caption examples: "a photo of|this is|...": each caption also
@@ -69,7 +71,10 @@ class TrainConfig:
     # --- bookkeeping ----------------------------------------------------------------------------------------
     checkpoint_every: int = 200  # steps between resumable checkpoints (and a blipkit checkpoint)
     export_fp16: bool = True  # also write the final blipkit checkpoint's weights as fp16 (``final-fp16``)
-    progress: bool = True  # a tqdm bar with loss and ETA on the main process
+    progress: bool | str = "auto"  # tqdm bar (loss, samples/s): "auto" on a terminal, "true" also into
+    # pipes and log files, "false" never (blipkit.train.logging)
+    tensorboard: bool | str = "auto"  # scalars in OUT/tensorboard: "auto" when the tensorboard package is
+    # installed, "true" (an error without it) or "false"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -83,6 +88,12 @@ class TrainConfig:
                 f"warm_start_text must be caption, target or both, got {self.warm_start_text!r}"
             )
         self.betas = tuple(self.betas)
+        from blipkit.train.logging import canonical
+
+        self.progress, self.tensorboard = (
+            canonical("progress", self.progress),
+            canonical("tensorboard", self.tensorboard),
+        )
         self.loss_weight = parse_loss_weights(self.loss_weights)
         if self.teacher and self.stage != "stage2":
             raise ConfigError("teacher (the keep loss) is a stage 2 option")

@@ -1,5 +1,6 @@
 """The training loop shared by both stages: cached features in, AdamW with warm-up + cosine, checkpoints,
-exact ``--resume``, losses to CSV and a PNG plot, a tqdm bar on the main process.
+exact ``--resume``, losses to CSV and a PNG plot; on the main process a tqdm bar on a terminal and TensorBoard
+scalars in ``OUT/tensorboard`` (``blipkit.train.logging``).
 
 Single process: ``blipkit train stage2 --config configs/default_stage2.json --out runs/stage2``.
 Several: ``torchrun --nproc_per_node 2 -m blipkit.train stage2 --config ... --out ...``.
@@ -35,6 +36,7 @@ from blipkit.train.config import TrainConfig
 from blipkit.train.distributed import DistEnv, init_distributed, sum_gradients
 from blipkit.train.features import cached_features
 from blipkit.train.init import init_qformer_from_bert
+from blipkit.train.logging import NOT_LOSSES, RunLog, check_settings
 from blipkit.train.schedule import DataOrder, lr_factor
 from blipkit.train.stage1 import TextBatch, stage1_losses
 from blipkit.train.stage2 import (
@@ -126,6 +128,7 @@ class Trainer:
     def _start(self, cfg: TrainConfig, out_dir: str | Path, env: DistEnv | None) -> None:
         """What every trainer sets up first: config, output dir, processes, threads, seed, device."""
         self.cfg, self.out = cfg, Path(out_dir)
+        check_settings(cfg)
         self.env = env or init_distributed()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -406,26 +409,26 @@ class Trainer:
     # --- the run --------------------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int, dict], None] | None = None) -> Path:
         """Train from ``self.step`` to ``max_steps``; returns the final blipkit checkpoint dir."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.env.is_main))
+        log = RunLog(cfg, self.out, self.step, self.env.is_main)
         start, first = time.perf_counter(), self.step
-        while self.step < cfg.max_steps:
-            row = self.train_step(self.step)
-            self.step += 1
-            elapsed = time.perf_counter() - start
-            rate = (self.step - first) * cfg.batch_size / elapsed
-            row = {"step": self.step, **row, "epoch": self.order.epoch(self.step), "samples_per_s": rate}
-            if self.env.is_main:
-                self._write_rows([row])
-                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.1f}")
-                bar.update(1)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                self.save()
-            if on_step is not None:
-                on_step(self.step, row)
-        bar.close()
+        try:
+            while self.step < cfg.max_steps:
+                row = self.train_step(self.step)
+                self.step += 1
+                elapsed = time.perf_counter() - start
+                rate = (self.step - first) * cfg.batch_size / elapsed
+                row = {"step": self.step, **row, "epoch": self.order.epoch(self.step), "samples_per_s": rate}
+                if self.env.is_main:
+                    self._write_rows([row])
+                    log.step(row)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                    log.flush()
+                if on_step is not None:
+                    on_step(self.step, row)
+        finally:
+            log.close()
         return self.export()
 
     # --- saving ---------------------------------------------------------------------------------------------
@@ -510,20 +513,20 @@ def _optimizer_state(saved: dict, tensors: dict[str, Tensor], optimizer: torch.o
 
 
 def plot_losses(csv_file: Path, png_file: Path) -> bool:
-    """Plot every loss column of the CSV against the step; False when matplotlib is missing."""
-    try:
-        import matplotlib
+    """Plot every loss column of the CSV against the step; False when matplotlib is missing.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    A ``Figure`` of its own, not pyplot: the caller's matplotlib backend (a notebook's) is left as it is."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     rows = list(csv.DictReader(csv_file.open())) if csv_file.exists() else []
     if not rows:
         return False
-    skip = {"step", "lr", "epoch", "samples_per_s"}
+    skip = {"step", *NOT_LOSSES}
     steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for key in rows[0]:
         if key in skip:
             continue
@@ -535,5 +538,4 @@ def plot_losses(csv_file: Path, png_file: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_file, dpi=100)
-    plt.close(fig)
     return True
