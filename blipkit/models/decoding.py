@@ -9,18 +9,24 @@
 New tokens can be handed to ``on_token(row, token)`` as they come (streaming, per-row limits, cancelling):
 it returns True when that row should stop. A row also stops at an end-of-sequence token, which is passed to
 ``on_token`` but not returned.
+
+``Sampling.seed`` makes sampling reproducible (the same seed and inputs give the same tokens; the global
+random state is left as it was); ``Sampling.processors`` are transformers logits processors run at every step
+(``LogitBias``, ``LogprobRecorder``, grammar constraints), after the generation config's own and before the
+sampling warpers (temperature, top-k, top-p).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from blipkit.models.blip2 import Blip2
 from blipkit.models.greedy import GreedyDecoder, plain_greedy
@@ -35,7 +41,8 @@ class Sampling:
     """How the next token is chosen: greedy (the default), beam search, or sampling.
 
     ``options`` are further transformers ``generate`` options (``min_new_tokens``, ``repetition_penalty``,
-    ...); any of them sends decoding through transformers.
+    ...); any of them, or any of ``processors``, sends decoding through transformers. ``seed`` seeds the
+    sampler for one ``generate`` call.
     """
 
     num_beams: int = 1
@@ -44,16 +51,19 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    processors: tuple[LogitsProcessor, ...] = ()
 
     @classmethod
     def from_kwargs(cls, num_beams: int = 1, **kwargs: Any) -> Sampling:
-        """From ``generate``-style keywords."""
-        known = {k: kwargs.pop(k) for k in ("do_sample", "temperature", "top_p", "top_k") if k in kwargs}
+        """From ``generate``-style keywords (and ``seed``)."""
+        names = ("do_sample", "temperature", "top_p", "top_k", "seed")
+        known = {k: kwargs.pop(k) for k in names if k in kwargs}
         return cls(num_beams=num_beams, **known, options=kwargs)
 
     @property
     def greedy(self) -> bool:
-        return self.num_beams == 1 and not self.do_sample and not self.options
+        return self.num_beams == 1 and not self.do_sample and not self.options and not self.processors
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The keywords for transformers' ``generate``."""
@@ -62,10 +72,53 @@ class Sampling:
             for name in ("temperature", "top_p", "top_k"):
                 if getattr(self, name) is not None:
                     kwargs[name] = getattr(self, name)
-        return kwargs | self.options
+        kwargs |= self.options
+        if self.processors:
+            kwargs["logits_processor"] = LogitsProcessorList(self.processors)
+        return kwargs
 
 
 GREEDY = Sampling()
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block with the random state seeded by ``seed`` (on the CPU and ``device``), then restore it;
+    nothing happens when ``seed`` is None."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class LogitBias(LogitsProcessor):
+    """Adds a fixed bias to the scores of some tokens (OpenAI's ``logit_bias``: -100 bans, 100 forces)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        ids, values = self.ids.to(scores.device), self.values.to(scores.device, scores.dtype)
+        return scores.index_add(1, ids, values[None].expand(scores.shape[0], -1))
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Keeps the log-probabilities (B, V) of the step being decoded, for the token about to be chosen.
+
+    Placed before a constraint it sees the model's own distribution (after the generation config's
+    processors, before temperature and top-p); ``on_token`` reads ``last`` for the token just chosen.
+    """
+
+    def __init__(self) -> None:
+        self.last: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
 
 
 class _Rows(StoppingCriteria):
@@ -141,6 +194,20 @@ class Decoder:
             return out
         if sampling.num_beams > 1 and on_token is not None:
             raise ValueError("tokens cannot be streamed from beam search")
+        with seeded(sampling.seed if sampling.do_sample else None, inputs.embeds.device):
+            return self._transformers(inputs, max_new_tokens, sampling, sink, out, prefix_kv)
+
+    def _transformers(
+        self,
+        inputs: LLMInputs,
+        max_new_tokens: int,
+        sampling: Sampling,
+        sink: OnToken,
+        out: list[list[int]],
+        prefix_kv: Sequence[KV] | None,
+    ) -> list[list[int]]:
+        """The transformers path of ``generate``: per-step tokens go to ``sink``, which fills ``out``."""
+        B = inputs.embeds.shape[0]
         kwargs = {
             "max_new_tokens": max_new_tokens,
             "eos_token_id": self.eos_token_id,

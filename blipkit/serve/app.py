@@ -1,14 +1,13 @@
-"""The FastAPI application: OpenAI-compatible chat / embeddings / models endpoints and the web chat page."""
+"""The FastAPI application: OpenAI-compatible chat / completions / embeddings / models endpoints, Ollama's
+API (``blipkit.serve.ollama``) and the web chat page."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hmac
-import json
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -27,7 +26,11 @@ from starlette.requests import ClientDisconnect
 from blipkit.api import Model
 from blipkit.errors import CapabilityError, UsageError
 from blipkit.processing import ImageError, load_image
-from blipkit.serve.engine import Engine, Job, Result
+from blipkit.serve.body import json_body as _json_body
+from blipkit.serve.chat import add_chat_route
+from blipkit.serve.completions import add_completion_route
+from blipkit.serve.constrained import JsonConstraint, JsonGrammars, vocab_size
+from blipkit.serve.engine import Engine
 from blipkit.serve.errors import APIError, error_body
 from blipkit.serve.images import (
     FETCH_TIMEOUT_S,
@@ -39,7 +42,10 @@ from blipkit.serve.images import (
     open_image,
     release_memory,
 )
-from blipkit.serve.messages import ChatRequest, parse_chat
+from blipkit.serve.jobs import ImageRef
+from blipkit.serve.messages import ChatRequest, ImagePart
+from blipkit.serve.ollama import add_ollama_routes
+from blipkit.serve.options import Options
 from blipkit.text import Prompt
 
 STATIC = Path(__file__).parent / "static"
@@ -83,6 +89,40 @@ class Server:
         self.via_caption = model.family == "caption"
         self.captions: OrderedDict[str, str] = OrderedDict()  # image hash -> caption (bridge models)
         self.created = int(time.time())
+        self.body_limit = max_image_bytes * 4 // 3 + 1024 * 1024  # one base64 image plus the rest
+        # LLaVA splices an image at each image token of its prompt; other families read one image
+        self.takes_several_images = model.family == "llava" and model.text.settings.image_token is not None
+        self._grammars: JsonGrammars | None = None
+
+    async def json_body(self, request: Request) -> Any:
+        return await _json_body(request, self.body_limit)
+
+    def require_generation(self, capability: str) -> None:
+        """A 400 naming what the model can do when it cannot generate text."""
+        if self.engine is None:
+            raise APIError(
+                f"model {self.name!r} cannot {capability}; it can: {', '.join(self.model.capabilities)}",
+                400,
+                "unsupported_by_model",
+                "model",
+            )
+
+    async def constraint(self, options: Options) -> JsonConstraint | None:
+        """The JSON grammar the options ask for (compiled off the event loop), else None."""
+        size = vocab_size(self.model.model.llm) if options.logit_bias else 0
+        bad = [t for t in options.logit_bias if t >= size]
+        if bad:
+            raise APIError(
+                f"logit_bias names token ids past the vocabulary ({size} tokens): {bad}",
+                400,
+                "invalid_value",
+                "logit_bias",
+            )
+        if not options.json:
+            return None
+        if self._grammars is None:
+            self._grammars = JsonGrammars(self.model.tokenizer, vocab_size(self.model.model.llm))
+        return await asyncio.to_thread(self._grammars.constraint, options.json_schema, "response_format")
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested not in self.names:
@@ -93,18 +133,17 @@ class Server:
                 "model",
             )
 
-    async def image(self, req: ChatRequest) -> tuple[str, Any, Any]:
-        """(hash, cached features, pixels) of the request's image.
+    async def image_ref(self, image: ImagePart) -> ImageRef:
+        """(hash, cached features, pixels) of one image of a request.
 
         Downloads run in their own threads, so slow origins do not hold up decoding or other requests.
         """
         data = None
-        if check_image_url(req.image_url, self.allow_remote_images, req.image_param) == "remote":
-            data = await asyncio.get_running_loop().run_in_executor(self.fetcher, self.fetch, req)
-        return await asyncio.to_thread(self.decode, req, data)
-
-    def fetch(self, req: ChatRequest) -> bytes:
-        return self.download(req.image_url, req.image_param)
+        if check_image_url(image.url, self.allow_remote_images, image.param) == "remote":
+            data = await asyncio.get_running_loop().run_in_executor(
+                self.fetcher, self.download, image.url, image.param
+            )
+        return await asyncio.to_thread(self.decode, image, data)
 
     def download(self, url: str, param: str) -> bytes:
         return fetch_remote(
@@ -139,15 +178,15 @@ class Server:
         except UsageError as e:
             raise APIError(str(e), 400, "context_length_exceeded", "max_tokens") from e
 
-    def decode(self, req: ChatRequest, data: bytes | None) -> tuple[str, Any, Any]:
+    def decode(self, image: ImagePart, data: bytes | None) -> ImageRef:
         """Blocking: (hash, cached features, pixels) of a data URI's or a download's bytes."""
         if data is None:
-            data = decode_data_uri(req.image_url, self.max_image_bytes, req.image_param)
+            data = decode_data_uri(image.url, self.max_image_bytes, image.param)
         key = image_hash(data)
         features = None if self.via_caption else self.engine.cached(key)
         if features is not None:
             return key, features, None
-        return key, None, self.pixels(data, req.image_param)
+        return key, None, self.pixels(data, image.param)
 
     def pixels(self, data: bytes, param: str) -> torch.Tensor:
         """Blocking: the processed (1, 3, S, S) image of encoded image bytes."""
@@ -205,41 +244,6 @@ def _embedding_inputs(value: Any) -> list[tuple[str, str]]:
     return out
 
 
-async def _json_body(request: Request, limit: int) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(
-            f"request body is {length} bytes, over the limit of {limit} bytes", 413, "body_too_large"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(f"request body is over the limit of {limit} bytes", 413, "body_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    del chunks
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise APIError("request body is not valid JSON: nested too deeply", 400, "invalid_json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(f"request body is not valid JSON: {e}", 400, "invalid_json") from e
-
-
-def fitted_prompt(engine: Engine, req: ChatRequest) -> Prompt:
-    """The request's prompt fitted to the model's windows; a turn that cannot fit is a 400."""
-    try:
-        return engine.prompt(req.history, req.message, req.max_tokens)
-    except UsageError as e:
-        raise APIError(str(e), 400, "context_length_exceeded", "max_tokens") from e
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
-
-
 def create_app(
     model: Model,
     model_name: str | None = None,
@@ -256,7 +260,8 @@ def create_app(
     allow_private_networks: bool = False,
     image_fetch_timeout_s: float = FETCH_TIMEOUT_S,
 ) -> FastAPI:
-    """The blipkit server for ``model``. With ``api_key``, ``/v1/*`` needs ``Authorization: Bearer <key>``.
+    """The blipkit server for ``model``. With ``api_key``, ``/v1/*`` and ``/api/*`` need
+    ``Authorization: Bearer <key>``.
 
     The image cache keeps ``cache_size`` images (and at most ``cache_bytes`` of tensors, when given).
     ``engine`` lets callers share a batching engine (and its image cache) between apps or scripts.
@@ -278,7 +283,7 @@ def create_app(
         allow_private_networks,
         image_fetch_timeout_s,
     )
-    body_limit = max_image_bytes * 4 // 3 + 1024 * 1024  # one base64 image plus the rest of the request
+    body_limit = srv.body_limit
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -290,14 +295,20 @@ def create_app(
     app = FastAPI(title="blipkit", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = srv
 
+    def error(request: Request, status: int, body: dict[str, Any], **kwargs: Any) -> JSONResponse:
+        """An error response; under ``/api/`` in Ollama's shape, ``{"error": "<message>"}``."""
+        if request.url.path.startswith("/api/"):
+            body = {"error": body["error"]["message"]}
+        return JSONResponse(body, status_code=status, **kwargs)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error(request, exc.status, exc.body())
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
+        return error(request, exc.status_code, error_body(str(exc.detail), code=code))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -312,11 +323,11 @@ def create_app(
         body = error_body(
             "the server had an error processing the request", "server_error", code="internal_error"
         )
-        return JSONResponse(body, status_code=500)
+        return error(request, 500, body)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(("/v1/", "/api/")):
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -325,7 +336,7 @@ def create_app(
                 body = error_body(
                     "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
                 )
-                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return error(request, 401, body, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -412,61 +423,9 @@ def create_app(
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        req = parse_chat(await _json_body(request, body_limit))
-        srv.check_model(req.model)
-        if engine is None:
-            raise APIError(
-                f"model {srv.name!r} cannot chat; it can: {', '.join(model.capabilities)}",
-                400,
-                "unsupported_by_model",
-                "model",
-            )
-        key, features, pixels = await srv.image(req)
-        if srv.via_caption:  # the caption-then-LLM bridge: the caption, not the image, reaches the LLM
-            prompt = await asyncio.to_thread(srv.caption_prompt, key, pixels, req)
-        else:
-            prompt = await asyncio.to_thread(fitted_prompt, engine, req)  # tokenising is work: off the loop
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        def emit(event: tuple[str, Any]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        job = Job(
-            key,
-            prompt,
-            emit,
-            features=features,
-            pixels=pixels,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stream=req.stream,
-        )
-        if srv.via_caption:
-            loop.run_in_executor(None, engine.run_text, job)
-        else:
-            engine.submit(job)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": srv.name}
-        if req.stream:
-            return StreamingResponse(
-                _stream(job, events, meta),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            while True:
-                kind, value = await events.get()
-                if kind == "done":
-                    return _completion(meta, value)
-                if kind == "error":
-                    raise APIError(
-                        f"generation failed: {value}", 500, "generation_failed", type="server_error"
-                    )
-        finally:
-            job.cancelled = True
+    add_chat_route(app, srv)
+    add_completion_route(app, srv)
+    add_ollama_routes(app, srv)
 
     return app
 
@@ -476,48 +435,3 @@ def _encode_embedding(vector: Any, encoding: str) -> list[float] | str:
     if encoding == "float":
         return vector.tolist()
     return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
-
-
-def _completion(meta: dict[str, Any], result: Result) -> dict[str, Any]:
-    return {
-        **meta,
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
-    }
-
-
-async def _stream(job: Job, events: asyncio.Queue, meta: dict[str, Any]) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        return _sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
-
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = await events.get()
-            if kind == "delta":
-                yield chunk({"content": value})
-            elif kind == "done":
-                yield chunk({}, value.finish_reason)
-                break
-            else:
-                yield _sse(
-                    error_body(f"generation failed: {value}", "server_error", code="generation_failed")
-                )
-                break
-        yield _sse("[DONE]")
-    finally:
-        job.cancelled = True

@@ -1,4 +1,4 @@
-"""``blipkit serve``: run the OpenAI-compatible server and web chat page with uvicorn."""
+"""``blipkit serve``: run the OpenAI- and Ollama-compatible server and web chat page with uvicorn."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _usage_error(message: str) -> NoReturn:
 
 
 def register(subparsers: argparse._SubParsersAction, add_model_args: Callable) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible API and web chat page")
+    p = subparsers.add_parser("serve", help="OpenAI- and Ollama-compatible API and web chat page")
     p.error = _usage_error  # type: ignore[method-assign]
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"
@@ -59,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction, add_model_args: Callable) -
         default=8000,
         help="port to listen on (default 8000)",
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* requests")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /api/* requests"
+    )
     p.add_argument(
         "--allow-remote-images",
         action="store_true",

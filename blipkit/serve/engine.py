@@ -16,6 +16,10 @@ The image side comes from an LRU cache keyed by image hash when the image was se
   vision encoder's features;
 * encoder-decoder LLMs (T5), or LLMs whose cache cannot be reused that way: the visual prompt only, the LLM
   reading [visual prompt; text] whole for every question.
+
+Jobs whose decoding is their own (a seed, log-probabilities, a grammar, a logit bias, several images) run
+one per batch. Stop sequences are matched on the decoded text as it grows; streamed text holds back what
+could be the start of one. Jobs with no image run on the LLM alone (``run_text``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,59 +38,14 @@ from torch import Tensor
 
 from blipkit.api import Model
 from blipkit.models.blip2 import Visual
-from blipkit.models.decoding import Sampling
+from blipkit.models.llm_io import LLMInputs, positions_from_mask
 from blipkit.models.prefix_cache import compute_prefix_kv, row_kv, supports_prefix_kv
 from blipkit.processing import load_image
 from blipkit.serve.cache import FeatureCache, ImageEntry
+from blipkit.serve.jobs import ImageRef, Job, Result, TokenLogprob, first_stop, held_back
 from blipkit.text import Prompt
 
 log = logging.getLogger("blipkit.serve")
-
-
-@dataclass
-class Result:
-    text: str
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens reached)
-    prompt_tokens: int
-    completion_tokens: int
-    cached_image: bool
-
-
-@dataclass
-class Job:
-    """One chat completion: its inputs, decoding options, and where its events go.
-
-    ``emit`` receives ``("delta", str)`` while streaming, then ``("done", Result)`` or
-    ``("error", Exception)``.
-    """
-
-    key: str  # image hash
-    prompt: Prompt  # the fitted prompt: LLM token ids and the Q-Former's text
-    emit: Callable[[tuple[str, Any]], None]
-    features: ImageEntry | None = None  # the image's cache entry, when it was cached
-    pixels: Tensor | None = None  # (1, 3, S, S) when the image was not cached
-    max_tokens: int = 30
-    temperature: float | None = None
-    top_p: float | None = None
-    stream: bool = False
-    cancelled: bool = False
-    tokens: list[int] = field(default_factory=list)
-    sent: str = ""
-    finished: bool = False
-
-    @property
-    def group(self) -> tuple:
-        """Jobs with equal groups decode alike and can share one batch."""
-        if not self.temperature:  # omitted or 0: greedy
-            return (False,)
-        return (True, float(self.temperature), float(self.top_p if self.top_p is not None else 1.0))
-
-    @property
-    def sampling(self) -> Sampling:
-        if not self.temperature:
-            return Sampling()
-        _, temperature, top_p = self.group
-        return Sampling(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
 
 
 class Engine:
@@ -123,6 +81,7 @@ class Engine:
         self.question_aware = getattr(model.model, "question_aware", False)
         # worth it only when entries are kept: the prefix run once per image instead of once per question
         self.prefix_kv = prefix_kv and self.cache.capacity > 0 and supports_prefix_kv(model.model)
+        self._text_model: Model | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,18 +112,31 @@ class Engine:
         return self.model.processor.preprocess(load_image(data))[None]
 
     def submit(self, job: Job) -> None:
-        if job.features is None and job.pixels is None:
-            raise ValueError("a job needs cached features or pixels")
+        if job.features is None and job.pixels is None and not job.images:
+            raise ValueError("a job needs cached features, pixels or images")
         self.start()
         self._queue.put(job)
 
+    @property
+    def text_model(self) -> Model:
+        """The model's LLM reading text alone (the model itself for a caption-then-LLM bridge)."""
+        if self._text_model is None:
+            if self.model.family == "caption":
+                self._text_model = self.model
+            else:
+                from blipkit.caption_bridge import CaptionThenLLM
+
+                self._text_model = CaptionThenLLM.blind(self.model)
+        return self._text_model
+
     def run_text(self, job: Job) -> None:
-        """Generate for one job whose prompt holds all the model reads (the caption-then-LLM bridge: no image
-        tokens, so no image cache nor batching by image); events reach ``job.emit`` as for batched jobs."""
+        """Generate for one job whose prompt holds all the model reads (a text-only prompt, or the
+        caption-then-LLM bridge's: no image tokens, so no image cache nor batching by image); events reach
+        ``job.emit`` as for batched jobs."""
         try:
             with self.lock:
-                self.model.complete(
-                    None, [job.prompt], job.max_tokens, job.sampling, lambda _, t: self.deliver(job, t)
+                self.text_model.complete(
+                    None, [job.prompt], job.max_tokens, job.decoding(), lambda _, t: self.deliver(job, t)
                 )
             if not job.finished:
                 self._finish(job, "length")
@@ -214,21 +186,29 @@ class Engine:
             for _, group in itertools.groupby(batch, key=lambda j: j.group):
                 self.run_batch(list(group))
 
-    @torch.inference_mode()
     def _entries(self, jobs: list[Job]) -> list[ImageEntry]:
         """The cache entry of each job's image: from the job, the cache, or one pass over the new images."""
+        return self._lookup([(job.key, job.features, job.pixels) for job in jobs])
+
+    @torch.inference_mode()
+    def _lookup(self, refs: Sequence[ImageRef]) -> list[ImageEntry]:
+        """The cache entry of each image: given, cached, or from one pass over the new images."""
+        found: dict[str, ImageEntry] = {}
         todo: dict[str, Tensor] = {}
-        for job in jobs:
-            if job.features is None and job.key not in todo:
-                found = self.cache.get(job.key, count=False)
-                if found is not None:
-                    job.features = found
+        for key, features, pixels in refs:
+            if features is not None:
+                found.setdefault(key, features)
+            elif key not in found and key not in todo:
+                cached = self.cache.get(key, count=False)
+                if cached is not None:
+                    found[key] = cached
                 else:
-                    todo[job.key] = job.pixels
+                    todo[key] = pixels
         new = dict(zip(todo, self._encode(list(todo.values())), strict=True)) if todo else {}
         for key, entry in new.items():
             self.cache.put(key, entry)
-        return [job.features if job.features is not None else new[job.key] for job in jobs]
+        found |= new
+        return [features if features is not None else found[key] for key, features, _ in refs]
 
     def _encode(self, pixels: list[Tensor]) -> list[ImageEntry]:
         """Entries for new images (1, 3, S, S) each, from one vision (+ Q-Former, + LLM prefix) pass."""
@@ -252,7 +232,10 @@ class Engine:
         self.largest_batch = max(self.largest_batch, len(jobs))
         try:
             with self.lock:
-                self._generate(jobs, self._entries(jobs))
+                if jobs[0].images is not None:  # a job of its own, with several images
+                    self._generate_spliced(jobs[0])
+                else:
+                    self._generate(jobs, self._entries(jobs))
             for job in jobs:
                 if not job.finished:
                     self._finish(job, "length")
@@ -269,6 +252,7 @@ class Engine:
         feats = torch.cat([e.features for e in entries])  # (B, Q, Dl) or (B, P, Dv)
         rows = [j.prompt.llm_ids for j in jobs]
         max_new = max(j.max_tokens for j in jobs)
+        sampling = jobs[0].decoding()  # the group's (a job with processors of its own is alone)
 
         def on_token(row: int, token: int) -> bool:
             return self.deliver(jobs[row], token)
@@ -277,7 +261,7 @@ class Engine:
             ids, mask = text.llm_batch(rows, side="left")  # the prefix comes first, from the cache
             inputs = blip.llm_inputs(feats, ids.to(device), mask.to(device))  # [prefix][pad][text]
             kv = [e.kv for e in entries]
-            self.decoder.generate(inputs, max_new, jobs[0].sampling, on_token, prefix_kv=kv)
+            self.decoder.generate(inputs, max_new, sampling, on_token, prefix_kv=kv)
             return
         if self.question_aware:
             q_ids, q_mask = text.qformer_batch([j.prompt.qformer_text for j in jobs])
@@ -290,7 +274,13 @@ class Engine:
             visual = Visual(prefix=feats)
         ids, mask = text.llm_batch(rows)
         inputs = blip.llm_inputs(blip.visual_prompt(visual), ids.to(device), mask.to(device))
-        self.decoder.generate(inputs, max_new, jobs[0].sampling, on_token)
+        self.decoder.generate(inputs, max_new, sampling, on_token)
+
+    def _generate_spliced(self, job: Job) -> None:
+        """Decode one job whose prompt holds an image token per image (LLaVA with several images)."""
+        entries = self._lookup(job.images or [])
+        inputs = spliced_inputs(self.model, job.prompt.llm_ids, [e.features for e in entries])
+        self.decoder.generate(inputs, job.max_tokens, job.decoding(), lambda _, t: self.deliver(job, t))
 
     def deliver(self, job: Job, token: int) -> bool:
         """Hand ``job`` its next token (streamed when asked); True once the job is finished."""
@@ -299,26 +289,81 @@ class Engine:
         if job.cancelled:
             job.finished = True
             return True
+        job.first_token_ns = job.first_token_ns or time.perf_counter_ns()
         if token == self.model.text.eos_token_id:
             self._finish(job, "stop")
             return True
+        if job.recorder is not None:
+            job.logged.append(self._logprob(job, token))
         job.tokens.append(token)
-        if job.stream:
+        if job.stream or job.stop or job.recorder is not None:
             text = self.model.tokenizer.decode(job.tokens, skip_special_tokens=True).lstrip()
-            if text.startswith(job.sent) and len(text) > len(job.sent) and not text.endswith("\ufffd"):
-                self._emit(job, ("delta", text[len(job.sent) :]))
-                job.sent = text
+            if job.recorder is not None:
+                job.logged[-1].end = len(text)
+            cut = first_stop(text, job.stop)
+            if cut is not None:
+                self._finish(job, "stop", text[:cut])
+                return True
+            safe = len(text) - held_back(text, job.stop)
+            shown = text[:safe]
+            if job.stream and shown.startswith(job.sent) and len(shown) > len(job.sent):
+                if not shown.endswith("\ufffd"):
+                    self._stream(job, shown)
         if len(job.tokens) >= job.max_tokens:
             self._finish(job, "length")
         return job.finished
 
-    def _finish(self, job: Job, reason: str) -> None:
-        job.finished = True
-        text = self.model.text.decode(job.tokens)
-        if job.stream and text.startswith(job.sent) and len(text) > len(job.sent):
+    def _stream(self, job: Job, text: str) -> None:
+        """Send what ``text`` adds to the streamed text, after the log-probabilities of its tokens."""
+        if job.recorder is not None:
+            done = [e for e in job.logged[job.released :] if e.end <= len(text)]
+            if done:
+                job.released += len(done)
+                self._emit(job, ("logprobs", done))
+        if len(text) > len(job.sent):
             self._emit(job, ("delta", text[len(job.sent) :]))
-        prompt_tokens = len(job.prompt.llm_ids) + self.model.text.num_query_tokens
-        self._emit(job, ("done", Result(text, reason, prompt_tokens, len(job.tokens), job.pixels is None)))
+            job.sent = text
+
+    def _logprob(self, job: Job, token: int) -> TokenLogprob:
+        """The log-probability of ``token`` at the step that chose it, with the step's top alternatives."""
+        logprobs = job.recorder.last[0] if job.recorder.last is not None else None
+        if logprobs is None:
+            return TokenLogprob(self._piece(job.tokens, token), 0.0, [])
+        values, ids = logprobs.topk(job.logprobs) if job.logprobs else (logprobs[:0], logprobs[:0].long())
+        top = [
+            (self._piece(job.tokens, i), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+        ]
+        return TokenLogprob(self._piece(job.tokens, token), float(logprobs[token]), top)
+
+    def _piece(self, before: list[int], token: int) -> str:
+        """The text ``token`` adds after the tokens ``before`` (a few of them give the context)."""
+        tok = self.model.tokenizer
+        context = before[-4:]
+        head = tok.decode(context)
+        text = tok.decode([*context, token])
+        return text[len(head) :] if text.startswith(head) else tok.decode([token])
+
+    def _finish(self, job: Job, reason: str, text: str | None = None) -> None:
+        """End ``job``: its text is the decoded tokens (``text``: cut before a stop sequence)."""
+        job.finished = True
+        cut = text is not None
+        text = self.model.text.decode(job.tokens) if text is None else text
+        logprobs = None
+        if job.recorder is not None:
+            logprobs = [e for e in job.logged if not cut or e.end <= len(text)]
+        if job.stream:
+            if job.recorder is not None and len(logprobs) > job.released:
+                self._emit(job, ("logprobs", logprobs[job.released :]))
+                job.released = len(logprobs)
+            if text.startswith(job.sent) and len(text) > len(job.sent):
+                self._emit(job, ("delta", text[len(job.sent) :]))
+                job.sent = text
+        visual = job.visual_tokens if job.visual_tokens is not None else self.model.text.num_query_tokens
+        prompt_tokens = len(job.prompt.llm_ids) + visual
+        cached = job.pixels is None and not job.images
+        first, done = job.first_token_ns, time.perf_counter_ns()
+        result = Result(text, reason, prompt_tokens, len(job.tokens), cached, logprobs, first or done, done)
+        self._emit(job, ("done", result))
 
     @staticmethod
     def _emit(job: Job, event: tuple[str, Any]) -> None:
@@ -326,3 +371,25 @@ class Engine:
             job.emit(event)
         except Exception:  # the client's event loop is gone
             job.cancelled = True
+
+
+def spliced_inputs(model: Model, ids: list[int], prefixes: list[Tensor]) -> LLMInputs:
+    """One row of LLM inputs: the prompt's text with each image token replaced by its image's visual prompt
+    ((1, P, Dl) each, in order), as LLaVA splices its one image, for any number of images."""
+    blip, index = model.model, model.text.settings.image_token_index
+    embed = blip.llm.get_input_embeddings()
+    device = embed.weight.device
+    marks = [i for i, t in enumerate(ids) if t == index]
+    if len(marks) != len(prefixes):
+        raise ValueError(f"{len(marks)} image tokens in the prompt for {len(prefixes)} images")
+    pieces, start = [], 0
+    for col, prefix in zip(marks, prefixes, strict=True):
+        pieces += [
+            embed(torch.tensor(ids[start:col], dtype=torch.long, device=device)),
+            blip.visual_prompt(Visual(prefix=prefix))[0],
+        ]
+        start = col + 1
+    pieces.append(embed(torch.tensor(ids[start:], dtype=torch.long, device=device)))
+    embeds = torch.cat([p.to(embed.weight.dtype) for p in pieces])[None]  # (1, L, Dl)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+    return LLMInputs(embeds, mask, positions_from_mask(mask), 0, packed=True)
