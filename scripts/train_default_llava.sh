@@ -7,9 +7,12 @@
 # Usage: scripts/train_default_llava.sh [RUN_DIR]   (re-running continues an interrupted stage with --resume)
 #   THREADS=N: torch threads (default: the configs' 2)
 #   STAGE1_STEPS / STAGE2_STEPS: override the configs' max_steps (a shorter budget)
+#   BASE=DIR:  continue a trained projector instead (how the shipped one was made since v2): no stage 1, and
+#              stage 2 is configs/default_llava_stage2_tune.json started from DIR
 #   SHIP=0:    leave blipkit/weights/default-llava alone (check $RUN/stage2/final-fp16 first)
 set -euo pipefail
 RUN=${1:-runs/default-llava}
+BASE=${BASE:-}
 SHIP=${SHIP:-1}
 extra=()
 [ -n "${THREADS:-}" ] && extra+=("--threads=$THREADS")
@@ -19,13 +22,21 @@ s2=(); [ -n "${STAGE2_STEPS:-}" ] && s2+=("--max_steps=$STAGE2_STEPS")
 
 mkdir -p "$RUN"
 stamp() { echo "$1 $(date -u +%s)" >> "$RUN/times.txt"; }   # wall-clock per stage, for the report
-if [ ! -d "$RUN/stage1/final" ]; then
+if [ -n "$BASE" ]; then
+    if [ ! -d "$RUN/stage2/final-fp16" ]; then
+        stamp stage2-start
+        python -m blipkit.train llava2 --config configs/default_llava_stage2_tune.json \
+            --out "$RUN/stage2" --init_from="$BASE" "${extra[@]}" "${s2[@]}" $(resume_flag "$RUN/stage2")
+        stamp stage2-end
+    fi
+fi
+if [ -z "$BASE" ] && [ ! -d "$RUN/stage1/final" ]; then
     stamp stage1-start
     python -m blipkit.train llava1 --config configs/default_llava_stage1.json \
         --out "$RUN/stage1" "${extra[@]}" "${s1[@]}" $(resume_flag "$RUN/stage1")
     stamp stage1-end
 fi
-if [ ! -d "$RUN/stage2/final-fp16" ]; then
+if [ -z "$BASE" ] && [ ! -d "$RUN/stage2/final-fp16" ]; then
     stamp stage2-start
     python -m blipkit.train llava2 --config configs/default_llava_stage2.json \
         --out "$RUN/stage2" --init_from="$RUN/stage1/final" "${extra[@]}" "${s2[@]}" $(resume_flag "$RUN/stage2")

@@ -12,8 +12,12 @@ from PIL import Image, ImageDraw
 from blipkit.train.features import (
     BACKGROUND_MARGIN,
     CONTRAST,
+    LABEL_MARGIN,
+    LABEL_RADIUS,
     PALETTE,
+    _colour_in_region,
     augmented_view,
+    jittered_colour,
     nearest_colour,
     palette_distances,
     scene_view,
@@ -55,6 +59,28 @@ def test_palette_is_easy_vqa_and_the_examples_fall_in_their_names():
     drawn = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 180, 20), "yellow": (235, 220, 40)}
     for name, rgb in drawn.items():
         assert nearest_colour(rgb) == name
+
+
+@pytest.mark.parametrize("colour", list(PALETTE))
+def test_jittered_colours_stay_in_their_name(colour):
+    rng = random.Random(f"jitter/{colour}")
+    d = palette_distances(np.array([jittered_colour(colour, rng) for _ in range(300)]))  # (300, 8)
+    index = list(PALETTE).index(colour)
+    assert (d[:, index] + LABEL_MARGIN <= np.delete(d, index, axis=1).min(axis=1)).all()
+    region = np.array([_colour_in_region(index, np.random.default_rng(k)) for k in range(100)])
+    d = palette_distances(region)
+    assert (d[:, index] <= LABEL_RADIUS + 1e-9).all()
+    assert (d[:, index] + LABEL_MARGIN <= np.delete(d, index, axis=1).min(axis=1)).all()
+
+
+@pytest.mark.parametrize("colour", ["red", "green", "blue", "yellow"])
+def test_jittered_colours_reach_mixed_shades(colour):
+    """Channels easy-VQA leaves at 0 or 255 take values well inside the cube too: (30, 60, 220) is blue."""
+    rng = random.Random(f"mixed/{colour}")
+    colours = np.array([jittered_colour(colour, rng) for _ in range(400)])
+    base = np.asarray(PALETTE[colour])
+    pinned = colours[:, (base == 0) | (base == 255)]
+    assert ((pinned > 10) & (pinned < 245)).all(axis=1).mean() > 0.1
 
 
 @pytest.mark.parametrize("colour", list(PALETTE))

@@ -30,7 +30,7 @@ from torch import nn
 from blipkit.processing import ImageProcessor, load_image
 
 FEATURES_FILE = "features.npy"
-AUGMENT_VERSION = 2  # part of the cache key: views made by an older augmentation are not reused
+AUGMENT_VERSION = 3  # part of the cache key: views made by an older augmentation are not reused
 INDEX_FILE = "images.json"
 
 
@@ -45,6 +45,7 @@ PALETTE = {  # easy-VQA's shape colours, exact
     "black": (0, 0, 0),
 }
 LABEL_MARGIN = 10.0  # a recoloured shape is this much (CIELAB) nearer its label's colour than any other
+LABEL_RADIUS = 50.0  # and at most this far (CIELAB) from it: the part of the name's region users draw
 CONTRAST = 40.0  # least CIELAB distance between a new background and the shape
 BACKGROUND_MARGIN = 12.0  # least CIELAB distance between a new background and any palette colour
 
@@ -99,9 +100,14 @@ def shape_mask(image: Image.Image) -> tuple[str, tuple[int, int, int], np.ndarra
 
 
 def jittered_colour(label: str, rng: random.Random, spread: int = 70) -> tuple[int, int, int]:
-    """A random colour whose nearest palette colour is ``label``'s, by at least ``LABEL_MARGIN``."""
+    """A random colour whose nearest palette colour is ``label``'s, by at least ``LABEL_MARGIN``: half the
+    time near the palette colour (scaled and shifted per channel), half the time uniform over the RGB
+    colours within ``LABEL_RADIUS`` of it (per-channel shifts clipped at 0 or 255 rarely reach mixed
+    shades such as (30, 60, 220), which are plainly blue)."""
     base = PALETTE[label]
     index = list(PALETTE).index(label)
+    if rng.random() < 0.5:
+        return _colour_in_region(index, np.random.default_rng(rng.getrandbits(32))) or base
     for _ in range(100):
         scale = rng.uniform(0.8, 1.05)
         c = tuple(int(min(255, max(0, round(v * scale + rng.uniform(-spread, spread))))) for v in base)
@@ -109,6 +115,19 @@ def jittered_colour(label: str, rng: random.Random, spread: int = 70) -> tuple[i
         if d[index] + LABEL_MARGIN <= np.delete(d, index).min():
             return c
     return base
+
+
+def _colour_in_region(index: int, gen: np.random.Generator) -> tuple[int, int, int] | None:
+    """A colour drawn uniformly from the RGB cube among those named palette colour ``index`` (by
+    ``LABEL_MARGIN``) and within ``LABEL_RADIUS`` of it; None if 16 rounds of candidates find none."""
+    for _ in range(16):
+        c = gen.integers(0, 256, (4096, 3))
+        d = palette_distances(c)  # (4096, 8)
+        others = np.delete(d, index, axis=1).min(axis=1)
+        ok = np.flatnonzero((d[:, index] + LABEL_MARGIN <= others) & (d[:, index] <= LABEL_RADIUS))
+        if ok.size:
+            return tuple(int(x) for x in c[ok[0]])
+    return None
 
 
 def random_background(shape: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
