@@ -51,3 +51,19 @@ def make_byte_blip2(path: str | os.PathLike) -> None:
     model.config.image_token_index = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+
+
+def llm_alone(model, prompt: str, tokens: int) -> str:
+    """transformers' own greedy continuation of ``prompt`` by the model's LLM, no image."""
+    tok = model.tokenizer
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.model.llm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -12,8 +12,7 @@ from datetime import datetime
 import httpx
 import numpy as np
 import pytest
-import torch
-from hf_tiny_bytes import make_byte_blip2
+from hf_tiny_bytes import llm_alone, make_byte_blip2
 from live_server import live
 from PIL import Image
 
@@ -102,25 +101,10 @@ def test_generate_with_an_image_whole_and_streamed(client, model):
 
 
 def test_generate_text_alone_is_the_llm_alone(client, model):
-    tok = model.tokenizer
-
-    def reference(prompt: str, tokens: int) -> str:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = model.model.llm.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=tokens,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-
     r = client.generate(model="tiny", prompt="what is it ?", options={"num_predict": 6})
-    assert r.response == reference("Question: what is it ? Answer:", 6)  # in the model's template
+    assert r.response == llm_alone(model, "Question: what is it ? Answer:", 6)  # in the model's template
     raw = client.generate(model="tiny", prompt="a photo of", raw=True, options={"num_predict": 6})
-    assert raw.response == reference("a photo of", 6)
+    assert raw.response == llm_alone(model, "a photo of", 6)
     text_chat = client.chat(
         model="tiny", messages=[{"role": "user", "content": "what is it ?"}], options={"num_predict": 6}
     )

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hf_tiny_bytes import make_byte_blip2
+from hf_tiny_bytes import llm_alone, make_byte_blip2
 from hf_tiny_llava import make_llava, num_image_features
 from live_server import live
 from PIL import Image
@@ -189,22 +189,6 @@ def test_unknown_fields_are_ignored_known_unsupported_ones_named(client):
 
 
 # --- /v1/completions --------------------------------------------------------------------------------------
-
-
-def llm_alone(model, prompt: str, tokens: int) -> str:
-    """transformers' own greedy continuation of ``prompt`` by the model's LLM, no image."""
-    tok = model.tokenizer
-    ids = torch.tensor([tok(prompt)["input_ids"]])
-    with torch.no_grad():
-        out = model.model.llm.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_completions_continue_text_prompts(client, model):
