@@ -186,6 +186,8 @@ _HF_DEFAULTS = {
     },
     "Siglip": {"size": {"height": 224, "width": 224}, "mean": _HALF, "std": _HALF, "square_int": False},
 }
+# LlavaImageProcessor: CLIP's steps, and do_pad (pad to a square of the mean colour first) is its own
+_HF_DEFAULTS["Llava"] = {**_HF_DEFAULTS["CLIP"], "can_pad": True}
 _HF_CLASS_SUFFIXES = ("ImageProcessor", "ImageProcessorFast", "ImageProcessorPil", "FeatureExtractor")
 
 
@@ -352,7 +354,8 @@ class ImageProcessor:
         for flag in ("do_resize", "do_rescale", "do_normalize"):
             if d.get(flag) is False:
                 raise ConfigError(f"unsupported preprocessor config: {flag}=false")
-        if d.get("do_pad"):
+        pad = bool(d.get("do_pad"))
+        if pad and not defaults.get("can_pad"):
             raise ConfigError("unsupported preprocessor config: do_pad=true")
         factor = d.get("rescale_factor")
         if factor is not None and abs(float(factor) - 1 / 255) > 1e-9:
@@ -387,4 +390,5 @@ class ImageProcessor:
             resample=_RESAMPLE_FROM_PIL[code],
             resize=resize,
             crop_size=crop_size,
+            pad_to_square=pad,
         )

@@ -470,6 +470,18 @@ def test_from_hf_dict_clip_and_siglip_forms():
     assert ImageProcessor.from_hf_dict({**_CLIP_HF, "image_processor_type": "CLIPImageProcessorFast"}) == clip
 
 
+def test_from_hf_dict_llava_pads_to_a_square_of_the_mean_colour():
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    d = {**_CLIP_HF, "image_processor_type": "LlavaImageProcessor", "do_pad": True}
+    got = ImageProcessor.from_hf_dict(d)
+    assert got == ImageProcessor(image_size=224, resize="shortest_edge", crop_size=224, pad_to_square=True)
+    assert ImageProcessor.from_hf_dict({**d, "do_pad": False}).pad_to_square is False
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 200, 3), dtype=np.uint8))
+    ref = LlavaImageProcessorPil(do_pad=True)(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(got.preprocess(image), ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
