@@ -42,6 +42,7 @@ from blipkit.models.llm_io import LLMInputs, positions_from_mask
 from blipkit.models.prefix_cache import compute_prefix_kv, row_kv, supports_prefix_kv
 from blipkit.processing import load_image
 from blipkit.serve.cache import FeatureCache, ImageEntry
+from blipkit.serve.images import release_memory
 from blipkit.serve.jobs import ImageRef, Job, Result, TokenLogprob, first_stop, held_back
 from blipkit.text import Prompt
 
@@ -185,6 +186,8 @@ class Engine:
             batch.sort(key=lambda j: j.group)
             for _, group in itertools.groupby(batch, key=lambda j: j.group):
                 self.run_batch(list(group))
+            if self._queue.empty():  # idle after a burst: hand the heap's free pages back to the OS
+                release_memory()
 
     def _entries(self, jobs: list[Job]) -> list[ImageEntry]:
         """The cache entry of each job's image: from the job, the cache, or one pass over the new images."""
