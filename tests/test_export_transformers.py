@@ -226,10 +226,6 @@ LLAVA_CASES = {
     "original-layout": _llava_original,
     "dinov2-linear-padded": _dinov2_llava,
 }
-# what blipkit.load cannot read back yet: transformers' LLaVA with these parts
-NOT_READ_BACK = {
-    "dinov2-linear-padded": "blipkit reads transformers' LLaVA dirs with CLIP or SigLIP towers only",
-}
 
 
 class LlavaCase:
@@ -300,8 +296,6 @@ def test_an_added_embedding_row_is_never_generated(llava):
 
 @torch.inference_mode()
 def test_llava_round_trip_through_blipkit(llava):
-    if llava.name in NOT_READ_BACK:
-        pytest.skip(NOT_READ_BACK[llava.name])
     back = blipkit.load(llava.out)
     ids, mask = llava.ids()
     # the export's image token: the original layout's -200 became '<image>' in the tokenizer
@@ -309,9 +303,9 @@ def test_llava_round_trip_through_blipkit(llava):
         ids == llava.model.model.config.image_token_index, back.model.config.image_token_index
     )
     pixels = _pixels(seed=4)
-    torch.testing.assert_close(
-        back.model(pixels, back_ids, mask).logits, llava.model.model(pixels, ids, mask).logits
-    )
+    want = llava.model.model(pixels, ids, mask).logits
+    got = back.model(pixels, back_ids, mask).logits  # an added image-token row may widen the vocabulary
+    torch.testing.assert_close(got[..., : want.shape[-1]], want)
 
 
 # --- refused -----------------------------------------------------------------------------------------------

@@ -357,7 +357,7 @@ HF_CONFIG_BREAKS = {
     "text_config.model_type": lambda c: {**c, "text_config": {**c["text_config"], "model_type": "vit"}},
     "vision_config.model_type": lambda c: {
         **c,
-        "vision_config": {**c["vision_config"], "model_type": "dinov2"},
+        "vision_config": {**c["vision_config"], "model_type": "vit"},
     },
     "image_token_index": lambda c: _without(c, "image_token_index"),
     "vision_feature_layer": lambda c: {**c, "vision_feature_layer": "last"},

@@ -33,7 +33,7 @@ from blipkit.processing import ImageProcessor
 from blipkit.state_dicts import check_state_dict, read_state_dict
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
-VISION_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+VISION_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip", "dinov2": "dinov2"}
 
 # source prefix -> blipkit prefix, first match wins; "{base}" is the causal LM's base_model_prefix ("model")
 PREFIXES: tuple[tuple[str, str], ...] = (
@@ -144,6 +144,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> LlavaCon
     layer = get_field(raw, "vision_feature_layer", int | list[int], -2, lead)
     if isinstance(layer, list) and not layer:
         raise ConfigError(f"{lead}vision_feature_layer must not be an empty list")
+    if kind == "dinov2":  # transformers' -1 is the last block before the final LayerNorm: absolute indices
+        layer = _absolute_layers(layer, get_field(vision, "num_hidden_layers", int, 12, v_lead))
     select = get_field(raw, "vision_feature_select_strategy", str, "default", lead)
     if select not in towers.SELECTS:
         raise ConfigError(
@@ -334,3 +336,11 @@ def load(
     cfg.template = template_for(tokenizer, path)
     cfg.processor = processor.to_dict()
     return model, tokenizer, processor
+
+
+def _absolute_layers(layer: int | list[int], depth: int) -> int | list[int]:
+    """``hidden_states`` indices (``depth`` + 1 of them) with negative ones counted from the end, for a
+    tower where blipkit's -1 would mean the output after the final LayerNorm."""
+    if isinstance(layer, list):
+        return [i if i >= 0 else depth + 1 + i for i in layer]
+    return layer if layer >= 0 else depth + 1 + layer
