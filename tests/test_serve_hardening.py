@@ -388,6 +388,7 @@ def test_too_many_pixels_are_refused_before_decoding(model):
     assert r.status_code == 400 and "over the limit of 1000 pixels" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow  # heavy, and its RSS baseline depends on what earlier tests left in the process's heap
 def test_memory_comes_back_after_a_burst_of_large_images(model):
     client = TestClient(create_app(model, max_image_bytes=4_000_000))
     images = [data_uri(flat_png(4000, 3000, shade)) for shade in range(10, 17)]  # 12 Mpx each
