@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_assets import tiny_assets
+from tiny_assets import run_overrides, tiny_assets
 
 from blipkit.errors import ConfigError
 from blipkit.train.config import load_config
@@ -28,20 +28,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _train(tiny: Path, out: Path, resume: bool = False, on_step=None, **extra) -> Path:
-    values = {
-        "model": tiny / "model.json",
-        "data": tiny / "vqa.jsonl",
-        "feature_cache": tiny / "features",
-        "qformer_init": "none",
-        "batch_size": 4,
-        "max_steps": 4,
-        "lr": 1e-3,
-        "warmup_steps": 1,
-        "checkpoint_every": 2,
-        "export_fp16": "false",
-        "threads": 1,
-    } | extra
-    cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()], stage="stage2")
+    cfg = load_config(None, run_overrides(tiny, **({"export_fp16": "false"} | extra)), stage="stage2")
     return Trainer(cfg, out, resume=resume, env=DistEnv()).run(on_step)
 
 

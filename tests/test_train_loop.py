@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import tiny_assets
+from tiny_assets import run_overrides, tiny_assets
 
 from blipkit.loading import read_state_dict
 from blipkit.train.config import load_config
@@ -28,25 +28,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _overrides(tiny: Path, **extra) -> list[str]:
-    values = {
-        "model": tiny / "model.json",
-        "data": tiny / "vqa.jsonl",
-        "feature_cache": tiny / "features",
-        "qformer_init": "none",
-        "batch_size": 4,
-        "max_steps": 4,
-        "lr": 1e-3,
-        "warmup_steps": 1,
-        "warm_start_steps": 1,
-        "stage1_weight": 0.5,
-        "caption_examples": "true",
-        "views": 2,
-        "augment_prob": 0.5,
-        "checkpoint_every": 2,
-        "threads": 1,
-        "progress": "false",
-    } | extra
-    return [f"--{k}={v}" for k, v in values.items()]
+    features = {"warm_start_steps": 1, "stage1_weight": 0.5, "caption_examples": "true", "views": 2}
+    return run_overrides(tiny, **(features | {"augment_prob": 0.5, "progress": "false"} | extra))
 
 
 def _losses(run: Path) -> list[dict]:

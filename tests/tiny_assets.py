@@ -95,3 +95,20 @@ def tiny_assets(root: Path) -> Path:
         )
     (root / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root
+
+
+def run_overrides(tiny: Path, **extra) -> list[str]:
+    """``--key=value`` overrides for a 4-step training run on ``tiny_assets(tiny)``, one thread."""
+    values = {
+        "model": tiny / "model.json",
+        "data": tiny / "vqa.jsonl",
+        "feature_cache": tiny / "features",
+        "qformer_init": "none",
+        "batch_size": 4,
+        "max_steps": 4,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "threads": 1,
+    } | extra
+    return [f"--{k}={v}" for k, v in values.items()]
