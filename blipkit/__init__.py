@@ -49,6 +49,7 @@ def load(
     batch_size: int = 16,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    kernels: str = "auto",
 ) -> Model:
     """Load a model by name (``"default"``: the embedded offline model), directory or Hugging Face hub id.
 
@@ -56,9 +57,12 @@ def load(
     original LLaVA repo's layout, or blipkit checkpoints. Hub ids (``Salesforce/blip2-opt-2.7b``) come from
     the Hugging Face cache, or are downloaded where the hub can be reached; ``revision`` picks a branch, tag
     or commit. ``trust_remote_code=True`` lets transformers dirs run the Python code they ship; only for
-    checkpoints you trust (without it such a dir is a ``CheckpointError``).
+    checkpoints you trust (without it such a dir is a ``CheckpointError``). ``kernels``: the frozen fp32
+    layers' CPU kernels, ``"auto"`` (oneDNN with packed weights where it is faster on this CPU, timed once),
+    ``"onednn"`` or ``"default"`` (torch's own); ``$BLIPKIT_KERNELS`` sets it for every load.
     """
-    options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
+    kernels = os.environ.get("BLIPKIT_KERNELS", kernels)
+    options = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code, "kernels": kernels}
     path = locate(name_or_path, revision)
     if is_bridge(read_config(path / "config.json")):  # the caption-then-LLM bridge (``default-photo``)
         return load_bridge(path, batch_size=batch_size, **options)

@@ -20,6 +20,7 @@ from blipkit.api import Images, Model
 from blipkit.errors import ConfigError
 from blipkit.loading import BLIPKIT_FORMAT, Loaded, load_checkpoint, torch_dtype
 from blipkit.models.decoding import Sampling
+from blipkit.models.fast_linear import accelerate
 from blipkit.models.llm_io import LLMInputs
 from blipkit.parts import build_llm, load_tokenizer, read_config, resolve
 from blipkit.processing import ImageInput, as_image_list
@@ -44,6 +45,7 @@ def load_bridge(
     device: str | None = None,
     trust_remote_code: bool = False,
     batch_size: int = 16,
+    kernels: str = "auto",
 ) -> CaptionThenLLM:
     """The bridge a config names: ``captioner`` a model name/dir/hub id or the packaged photo tagger;
     ``llm`` an LLM dir/asset, or None for the captioner's own."""
@@ -65,7 +67,7 @@ def load_bridge(
     else:
         local = path / cfg.captioner
         ref = local if local.exists() else cfg.captioner
-        source = Model(load_checkpoint(ref, dtype, device, trust_remote_code), batch_size)
+        source = Model(load_checkpoint(ref, dtype, device, trust_remote_code, kernels=kernels), batch_size)
         source.require("caption")
         captioner, processor = source.caption, source.processor
         llm, tokenizer = (source.model.llm, source.tokenizer) if source.model.has_llm else (None, None)
@@ -80,6 +82,7 @@ def load_bridge(
     model = TextLLM(cfg, llm)
     if device:
         model.to(device)
+    accelerate(model, kernels)
     text = TextProcessor.for_model(model, tokenizer, None)
     return CaptionThenLLM(Loaded(model, text, processor, path), captioner, batch_size)
 

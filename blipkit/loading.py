@@ -29,6 +29,7 @@ from blipkit.config import WEIGHTS_DIR, Blip2Config, VisionConfig, list_configs,
 from blipkit.convert import hf_blip2, hf_instructblip
 from blipkit.errors import CheckpointError, ConfigError, EnvironmentProblem, UsageError
 from blipkit.models.blip2 import Blip2
+from blipkit.models.fast_linear import accelerate
 from blipkit.models.towers import build_tower
 from blipkit.models.vision import Dinov2Encoder, EvaViT
 from blipkit.parts import (  # noqa: F401  (re-exported: the frozen parts are loading's too)
@@ -326,12 +327,14 @@ def load_checkpoint(
     device: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    kernels: str = "auto",
 ) -> Loaded:
     """Load a model by name (``"default"``), directory or Hugging Face hub id (``revision``: a branch, tag
     or commit of it), in any of ``FORMATS``.
 
     ``trust_remote_code`` lets referenced transformers dirs run the Python code they ship (``auto_map``);
-    without it such a dir is a ``CheckpointError``.
+    without it such a dir is a ``CheckpointError``. ``kernels`` picks the frozen fp32 layers' CPU kernels
+    (``blipkit.models.fast_linear``): ``"auto"`` the faster on this CPU, ``"onednn"`` or ``"default"``.
     """
     from transformers.utils import logging as hf_logging
 
@@ -350,6 +353,7 @@ def load_checkpoint(
     model = parts.model
     if device:
         model.to(device)
+    accelerate(model, kernels)
     text = TextProcessor.for_model(model, parts.llm_tokenizer, parts.embed_tokenizer)
     return Loaded(model, text, parts.processor, path)
 
