@@ -11,6 +11,7 @@ from torch import Tensor
 from blipkit.errors import UsageError
 from blipkit.loading import Loaded
 from blipkit.models.blip2 import Visual
+from blipkit.models.chat_cache import ChatCache, position_keys, reusable
 from blipkit.models.decoding import Decoder, OnToken, Sampling
 from blipkit.models.family import capabilities, require
 from blipkit.models.llm_io import LLMInputs
@@ -176,9 +177,9 @@ class Model:
         n = max_new_tokens or self.config.prompts.vqa_max_new_tokens
         return self.generate([image], [self.text.question(question)], n, **generate_kwargs)[0]
 
-    def chat(self, image: ImageInput, max_new_tokens: int = 30) -> Chat:
-        """A conversation about one image that remembers earlier turns."""
-        return Chat(self, image, max_new_tokens)
+    def chat(self, image: ImageInput, max_new_tokens: int = 30, reuse_cache: bool = True) -> Chat:
+        """A conversation about one image that remembers earlier turns (``reuse_cache``: see ``Chat``)."""
+        return Chat(self, image, max_new_tokens, reuse_cache)
 
     # --- retrieval ------------------------------------------------------------------------------------------
     def _image_batches(self, images: Images | Tensor) -> list[Tensor]:
@@ -267,15 +268,30 @@ class Chat:
     When the visual prompt, the history and the new message would not fit the LLM's context window (or, for
     question-aware models, the Q-Former's), the oldest turns are left out of the prompt (they stay in
     ``history``).
+
+    With ``reuse_cache`` a greedy turn keeps the LLM's keys/values for the next one, which then runs only the
+    positions after what its prompt shares with the sequence so far (``blipkit.models.chat_cache``), with the
+    same answers as a full recompute; ``cached_tokens`` counts the positions the last turn reused. This needs
+    the lean greedy loop (a decoder-only LLM, no sampling or beams) and a visual prompt that does not read
+    the text: question-aware models (``bridge.text_input``, such as the embedded ``default``, whose Q-Former
+    reads the whole chat each turn) recompute every turn, and a sampled or beam turn drops the cache.
     """
 
-    def __init__(self, model: Model, image: ImageInput, max_new_tokens: int = 30):
+    def __init__(self, model: Model, image: ImageInput, max_new_tokens: int = 30, reuse_cache: bool = True):
         model.require("chat")
         model.require_llm()
         self.model = model
         self.image = model.processor(image)  # decoded once: (1, 3, S, S)
         self.max_new_tokens = max_new_tokens
+        self.reuse_cache = reuse_cache
         self.history: list[tuple[str, str]] = []
+        self._kv = ChatCache()
+        self._prefix: Tensor | None = None  # the visual prompt (1, Q, Dl), computed once when reused
+
+    @property
+    def cached_tokens(self) -> int:
+        """LLM positions of the last turn's prompt read from the cache (0 when it ran them all)."""
+        return self._kv.reused
 
     def prompt(self, message: str) -> Prompt:
         """The fitted prompt for ``message``."""
@@ -283,10 +299,26 @@ class Chat:
 
     def send(self, message: str, **generate_kwargs: Any) -> str:
         sampling = Sampling.from_kwargs(**generate_kwargs)
-        tokens = self.model.complete(self.image, [self.prompt(message)], self.max_new_tokens, sampling)[0]
+        prompt = self.prompt(message)
+        if self.reuse_cache and reusable(self.model.model, self.model.decoder, sampling):
+            tokens = self._cached_turn(prompt)
+        else:
+            self._kv.clear()
+            tokens = self.model.complete(self.image, [prompt], self.max_new_tokens, sampling)[0]
         answer = self.model.text.decode(tokens)
         self.history.append((message, answer))
         return answer
 
+    @torch.inference_mode()
+    def _cached_turn(self, prompt: Prompt) -> list[int]:
+        """Greedy tokens for ``prompt``, from the cache of the earlier turns."""
+        m = self.model
+        if self._prefix is None:
+            self._prefix = m.model.visual_prompt(m.visual(self.image))  # (1, Q, Dl)
+        inputs = m.llm_inputs(Visual(prefix=self._prefix), [prompt])
+        keys = position_keys(prompt.llm_ids, inputs, m.text.settings.image_token_index)
+        return self._kv.generate(m.decoder.lean, m.decoder.eos, inputs, keys, self.max_new_tokens)
+
     def reset(self) -> None:
         self.history.clear()
+        self._kv.clear()
