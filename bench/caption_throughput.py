@@ -171,12 +171,14 @@ def timed(fn, n_images: int) -> tuple[float, list[str]]:
 
 def default_model_runs(files: list[Path], batch_size: int, max_new_tokens: int, dtype: str) -> dict:
     """The embedded default model: blipkit's batch engine vs ``Model.caption``, whose decoding is
-    transformers' ``generate`` over the same LLM (transformers has no class for this model)."""
+    transformers' ``generate`` over the same LLM (transformers has no class for this model). The plain row
+    runs torch's own kernels; ``_onednn`` is the same loop over the packed layers the engine uses."""
     import blipkit
 
-    model = blipkit.load("default", dtype=dtype)
+    plain = blipkit.load("default", dtype=dtype, kernels="default")
+    fast = blipkit.load("default", dtype=dtype)
 
-    def generic():
+    def generic(model):
         out = []
         for i in range(0, len(files), batch_size):
             chunk = [str(f) for f in files[i : i + batch_size]]
@@ -185,9 +187,54 @@ def default_model_runs(files: list[Path], batch_size: int, max_new_tokens: int, 
         return out
 
     def engine():
-        return blipkit_captions(model, files, batch_size, max_new_tokens, 1, prompt=None)
+        return blipkit_captions(fast, files, batch_size, max_new_tokens, 1, prompt=None)
 
-    return {f"default_generate_{dtype}": generic, f"default_engine_{dtype}": engine}
+    return {
+        f"default_generate_{dtype}": partial(generic, plain),
+        f"default_generate_{dtype}_onednn": partial(generic, fast),
+        f"default_engine_{dtype}": engine,
+    }
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of the best ``sum`` over a ``gib``-GiB fp32 tensor: what a decoding step can read at most."""
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()
+    best = min(_seconds(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decode_step_seconds(llm, batch_size: int, context: int = 60, steps: int = 10) -> float:
+    """Median seconds of one greedy decoding step of ``llm`` for ``batch_size`` rows after ``context``
+    cached positions (the full vocabulary projected, as transformers does)."""
+    ids = torch.randint(4, 1000, (batch_size, context))
+    out = llm(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, times = out.past_key_values, []
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = llm(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s weights, each shared tensor once (what one decoding step reads)."""
+    seen: dict[int, int] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = p.numel() * p.element_size()
+        if getattr(m, "packed", None) is not None and m._dense is None:  # held only in packed form
+            seen[id(m)] = m.in_features * m.out_features * 4
+    return sum(seen.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     B, N = args.batch_size, args.max_new_tokens
     dtypes = [d for d in args.dtypes.split(",") if d]
     runs: dict[str, tuple] = {}
+    steps: dict[str, tuple[float, torch.nn.Module]] = {}  # one decoding step: (seconds, the LLM)
     for d in dtypes:
         hf = hf32 if d == "fp32" else copy.deepcopy(hf32).to(DTYPES[d])
         ours = blipkit.load(tmp / "model", dtype=d)
+        torch_kernels = blipkit.load(tmp / "model", dtype=d, kernels="default")
         runs[f"hf_batched_{d}"] = (
             partial(hf_captions, hf, processor, files[: args.images], B, N),
             args.images,
@@ -229,11 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             partial(blipkit_captions, ours, files[: args.images], B, N, args.workers),
             args.images,
         )
-        if d == "fp32":  # the same loop with the full fp32 output projection at every step
-            runs["blipkit_fp32_full_projection"] = (
-                partial(blipkit_captions, ours, files[: args.images], B, N, args.workers, greedy_head=False),
-                args.images,
-            )
+        runs[f"blipkit_{d}_torch_kernels"] = (  # the same loop through torch's own CPU kernels
+            partial(blipkit_captions, torch_kernels, files[: args.images], B, N, args.workers),
+            args.images,
+        )
         if d == "fp32" and args.large_batch:  # bandwidth-bound decoding: more rows per read of the weights
             L = args.large_batch
             runs[f"hf_batched_fp32_b{L}"] = (
@@ -246,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         hf_captions(hf, processor, files[:2], 2, 2)  # warm-up: first-call allocations, lazy imports
         blipkit_captions(ours, files[:2], 2, 2, 0)
+        blipkit_captions(torch_kernels, files[:2], 2, 2, 0)
+        if d == "fp32":
+            steps[f"transformers {d}"] = (decode_step_seconds(hf.language_model, B), hf.language_model)
+            steps[f"blipkit {d}"] = (decode_step_seconds(ours.model.llm, B), ours.model.llm)
     if not args.no_default:
         shapes = easy_vqa_images(args.images)
         for d in dtypes:
@@ -308,11 +360,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ratio(ours, 'hf_single_fp32')}; same caption as transformers fp32: "
                 f"{agree(ours, 'hf_batched_fp32'):.0%}"
             )
+    for d in dtypes:
+        ours, theirs = f"blipkit_{d}", f"blipkit_{d}_torch_kernels"
+        lines.append(
+            f"- {d}: blipkit's kernels / torch's own kernels {ratio(ours, theirs)}; same caption "
+            f"{agree(ours, theirs):.0%}"
+        )
     if not args.no_default:
         for d in dtypes:
-            g, e = f"default_generate_{d}", f"default_engine_{d}"
+            g, o, e = f"default_generate_{d}", f"default_generate_{d}_onednn", f"default_engine_{d}"
             lines.append(
-                f"- default model {d}: engine / generate {ratio(e, g)}; same caption {agree(e, g):.0%}"
+                f"- default model {d}: engine / plain generate {ratio(e, g)}, / generate over the same "
+                f"kernels {ratio(e, o)}; same caption {agree(e, g):.0%}"
+            )
+    if steps:
+        bandwidth = read_bandwidth()
+        lines.append(f"- read bandwidth (best `sum` over 1 GiB): {bandwidth / 1e9:.1f} GB/s")
+        for name, (seconds, llm) in steps.items():
+            moved = weight_bytes(llm) / seconds
+            lines.append(
+                f"- one decoding step, batch {B}, {name}: {seconds * 1e3:.1f} ms, weights read at "
+                f"{moved / 1e9:.1f} GB/s = {moved / bandwidth:.0%} of the bound"
             )
     text = "\n".join(lines)
     print(text)

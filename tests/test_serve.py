@@ -9,6 +9,7 @@ import io
 import json
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -167,6 +168,24 @@ def test_concurrent_requests_are_batched_and_equal_one_by_one(model):
         model.generate([im], [p.text], max_new_tokens=6)[0] for im, p in zip(images, prompts, strict=True)
     ]
     assert answers == expected
+
+
+def test_a_lone_request_does_not_wait_the_batch_window(model):
+    engine = Engine(model, batch_window_ms=3000)
+    prompt = engine.prompt([], "what is it?", 4)
+    engine.run(png(20), "warm", prompt, max_tokens=4)  # first-call costs
+    start = time.monotonic()
+    engine.run(png(21), "lone", prompt, max_tokens=4)
+    assert time.monotonic() - start < 1.5  # not the 3 s window
+    with engine.arriving():  # another request on its way: the first waits for it, both run as one batch
+        done = []
+        first = threading.Thread(target=lambda: done.append(engine.run(png(22), "a", prompt, max_tokens=4)))
+        first.start()
+        time.sleep(0.3)
+        engine.run(png(23), "b", prompt, max_tokens=4)
+        first.join()
+    engine.stop()
+    assert engine.largest_batch == 2 and len(done) == 1
 
 
 def test_models_health_and_index(client):

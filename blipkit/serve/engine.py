@@ -1,7 +1,8 @@
 """Dynamic batching of chat requests over one model, with per-image feature caching and token streaming.
 
 Requests wait in a queue; a worker thread takes up to ``max_batch_size`` of them (waiting at most
-``batch_window_ms`` for more after the first), groups those that decode alike (greedy, or sampling with
+``batch_window_ms`` for more after the first while other requests are on their way, see ``arriving``; a
+lone request starts at once), groups those that decode alike (greedy, or sampling with
 the same temperature / top-p) and runs each group as one call of the model's decoder
 (``blipkit.models.decoding``, which picks the loop). New tokens reach each request as they are produced.
 Prompts are fitted by the model's text processor (``blipkit.text``).
@@ -24,12 +25,13 @@ could be the start of one. Jobs with no image run on the LLM alone (``run_text``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -75,6 +77,7 @@ class Engine:
         self.batches = 0
         self.largest_batch = 0
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._arriving = 0  # requests being prepared (image, prompt) whose jobs are not submitted yet
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.decoder = model.decoder
@@ -111,6 +114,18 @@ class Engine:
     def pixels(self, data: bytes) -> Tensor:
         """Decode and preprocess one image (raises ImageError): (1, 3, S, S)."""
         return self.model.processor.preprocess(load_image(data))[None]
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Marks a request on its way to ``submit``: the worker waits the batch window for it, and only
+        then (a lone request starts at once)."""
+        with self._start_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._start_lock:
+                self._arriving -= 1
 
     def submit(self, job: Job) -> None:
         if job.features is None and job.pixels is None and not job.images:
@@ -156,9 +171,10 @@ class Engine:
             elif event[0] == "error":
                 done.set_exception(event[1])
 
-        features = self.cached(key)
-        pixels = None if features is not None else self.pixels(data)
-        self.submit(Job(key, prompt, emit, features=features, pixels=pixels, **options))
+        with self.arriving():
+            features = self.cached(key)
+            pixels = None if features is not None else self.pixels(data)
+            self.submit(Job(key, prompt, emit, features=features, pixels=pixels, **options))
         return done.result()
 
     def stats(self) -> dict[str, Any]:
@@ -174,6 +190,8 @@ class Engine:
             batch = [job]
             deadline = time.monotonic() + self.batch_window
             while len(batch) < self.max_batch_size:
+                if self._arriving == 0 and self._queue.empty():
+                    break  # no other request on its way: waiting would only add latency
                 try:
                     nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:

@@ -150,6 +150,11 @@ def spliced_prompt(srv: Server, req: ChatRequest) -> tuple[Prompt, int]:
 
 async def start_chat(srv: Server, req: ChatRequest) -> Generation:
     """Jobs for a chat request, started; see the module docstring for the ways a chat runs."""
+    with srv.engine.arriving():  # requests that arrive together are batched together
+        return await _start_chat(srv, req)
+
+
+async def _start_chat(srv: Server, req: ChatRequest) -> Generation:
     engine = srv.engine
     gen = Generation()
     options = req.options
