@@ -43,7 +43,7 @@ IDS = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
 
 def test_packed_layers_compute_what_the_dense_ones_do(net):
     ref, state = net(IDS), copy.deepcopy(net.state_dict())
-    assert accelerate(net, "onednn") == 3
+    assert accelerate(net, "onednn", pack_after=1) == 3
     assert all(isinstance(m, PackedLinear) for m in (net.up, net.down, net.head))
     torch.testing.assert_close(net(IDS), ref, rtol=1e-5, atol=1e-5)
     x = torch.randn(5, 16)
@@ -52,7 +52,7 @@ def test_packed_layers_compute_what_the_dense_ones_do(net):
 
 def test_state_dict_copies_and_pickles_are_unchanged(net):
     state = copy.deepcopy(net.state_dict())
-    accelerate(net, "onednn")
+    accelerate(net, "onednn", pack_after=1)
     after = net.state_dict()
     assert sorted(after) == sorted(state)
     for key, value in state.items():
@@ -63,26 +63,38 @@ def test_state_dict_copies_and_pickles_are_unchanged(net):
         assert isinstance(other.up, PackedLinear)
         torch.testing.assert_close(other(IDS), ref, rtol=1e-6, atol=1e-6)
     fresh = TiedNet().requires_grad_(False)
-    accelerate(fresh, "onednn")
+    accelerate(fresh, "onednn", pack_after=1)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(IDS), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_moving_off_cpu_fp32_unpacks_and_back_packs_again(net):
     ref = net(IDS)
-    accelerate(net, "onednn")
+    accelerate(net, "onednn", pack_after=1)
+    net(IDS)
+    assert net.up.packed is not None
     net.double()
     assert net.up.packed is None and net.up.weight.dtype == torch.float64
     assert net.head.weight is net.emb.weight
     torch.testing.assert_close(net(IDS), ref.double(), rtol=1e-5, atol=1e-5)
     net.float()
+    net(IDS)
     assert net.up.packed is not None
     torch.testing.assert_close(net(IDS), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_packs_on_its_fourth_call(net):
+    ref = net(IDS)
+    accelerate(net, "onednn")
+    for call in range(1, 5):
+        torch.testing.assert_close(net(IDS), ref, rtol=1e-5, atol=1e-5)
+        assert (net.up.packed is not None) == (call >= 4), call
+    assert net.up._dense is None and net.head._dense is net.emb.weight  # the tied weight stays
+
+
 def test_gradients_through_a_packed_layer_match_the_dense_one(net):
     dense = copy.deepcopy(net.up)
-    accelerate(net, "onednn")
+    accelerate(net, "onednn", pack_after=1)
     x1 = torch.randn(4, 16, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
     (dense(x1) ** 2).sum().backward()
@@ -94,7 +106,7 @@ def test_trained_layers_are_left_alone():
     net = TiedNet().eval()
     net.emb.requires_grad_(False)
     net.up.requires_grad_(False)
-    assert accelerate(net, "onednn") == 2  # up, and the head that shares the frozen embedding
+    assert accelerate(net, "onednn", pack_after=1) == 2  # up, and the head that shares the frozen embedding
     assert isinstance(net.up, PackedLinear) and isinstance(net.head, PackedLinear)
     assert type(net.down) is nn.Linear  # still trains
 

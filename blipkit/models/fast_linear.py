@@ -5,8 +5,9 @@ fp32 GEMM at inference shapes runs at a fraction of what oneDNN reaches once the
 oneDNN's blocked layout: on a 2-core AMD EPYC, a decoding step's (8, 576) x (576, 49152) vocabulary
 projection takes 35 ms through MKL and 12 ms packed. ``accelerate`` swaps each frozen fp32 ``nn.Linear`` of
 a module for a ``PackedLinear`` when a short timing of that layer's shape, on this CPU with this thread count,
-shows the packed path faster (the timings are kept in ``$BLIPKIT_CACHE/kernels.json``). The two paths sum in
-different orders, so scores differ in the last bits (about 1e-7 relative), like a change of thread count.
+shows the packed path faster (the timings are kept in ``$BLIPKIT_CACHE/kernels.json``); a layer packs its
+weight on its fourth call, so a one-off answer does not pay for packing what it uses once. The two paths sum
+in different orders, so scores differ in the last bits (about 1e-7 relative), like a change of thread count.
 
 A ``PackedLinear`` is for inference: with autograd recording, or once moved off the CPU or out of fp32, it
 runs ``F.linear`` on its dense weight. Its state dict holds the dense weight, so checkpoints are unchanged.
@@ -42,17 +43,20 @@ def _pack(weight: Tensor) -> Tensor:
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with its weight reordered for oneDNN; same ``weight``/``bias`` names in the state dict.
+    """``nn.Linear`` whose weight is reordered for oneDNN on its ``pack_after``-th call; the same ``weight``
+    and ``bias`` names in the state dict.
 
-    A weight shared with another module (tied embeddings) is kept as it is beside the packed copy; an
-    unshared one lives only in packed form and ``weight`` unpacks it when asked.
+    Packing costs about as much as a few products, so a layer called once or twice (a one-off question)
+    keeps torch's kernel. A weight shared with another module (tied embeddings) is kept as it is beside the
+    packed copy; an unshared one then lives only in packed form and ``weight`` unpacks it when asked.
     """
 
-    def __init__(self, linear: nn.Linear, shared: bool):
+    def __init__(self, linear: nn.Linear, shared: bool, pack_after: int = 4):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed: Tensor | None = _pack(linear.weight)
-        self._dense: Tensor | None = linear.weight if shared else None
+        self.shared, self.pack_after, self.calls = shared, max(1, pack_after), 0
+        self.packed: Tensor | None = None
+        self._dense: Tensor | None = linear.weight
         self.bias = linear.bias
 
     @property
@@ -63,21 +67,44 @@ class PackedLinear(nn.Module):
         assert self.packed is not None
         return self.packed.to_dense()
 
+    def _packable(self, x: Tensor) -> bool:
+        """True when this call can take the packed kernel: inference on CPU fp32 input and weight."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        w = self._dense
+        on_cpu_fp32 = w is None or (w.device.type == "cpu" and w.dtype == torch.float32)
+        return on_cpu_fp32 and x.dtype == torch.float32 and x.device.type == "cpu"
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None or (torch.is_grad_enabled() and x.requires_grad) or x.dtype != torch.float32:
+        if not self._packable(x):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        packed = self.packed
+        if packed is None:
+            self.calls += 1
+            if self.calls < self.pack_after:
+                return F.linear(x, self.weight, self.bias)
+            packed = self.pack()
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+    def pack(self) -> Tensor:
+        """Reorder the weight for oneDNN now (an unshared dense copy is then dropped)."""
+        if self.packed is None:
+            self.packed = _pack(self.weight)
+            if not self.shared:
+                self._dense = None
+        return self.packed
 
     def _apply(self, fn: Callable, recurse: bool = True) -> PackedLinear:
         """``.to()``, ``.half()``, ``.cuda()``: the dense weight follows; it is packed again on CPU fp32."""
+        was_packed = self.packed is not None
         own = self.weight.detach() if self._dense is None else None
-        super()._apply(fn, recurse)  # the bias, and a shared weight (in place, so ties hold)
+        super()._apply(fn, recurse)  # the bias, and a dense weight (in place, so ties hold)
         dense = fn(own) if own is not None else self._dense
         assert dense is not None
-        if dense.device.type == "cpu" and dense.dtype == torch.float32:
+        if was_packed and dense.device.type == "cpu" and dense.dtype == torch.float32:
             self.packed = _pack(dense)
-        else:  # off the CPU or out of fp32: a plain linear layer from now on
-            self.packed = None
+        else:  # unpacked until called again on the CPU in fp32
+            self.packed, self.calls = None, 0
             if self._dense is None:
                 self._dense = nn.Parameter(dense, requires_grad=False)
         return self
@@ -103,10 +130,11 @@ class PackedLinear(nn.Module):
         if key not in state_dict:
             missing.append(key)
         else:
-            weight = state_dict[key].to(torch.float32)
-            self.packed = _pack(weight)
+            weight = state_dict[key]
             if self._dense is not None:
                 self._dense.data.copy_(weight)
+            if self.packed is not None:
+                self.packed = _pack(weight.to(torch.float32))
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias.data.copy_(state_dict[prefix + "bias"])
@@ -114,7 +142,8 @@ class PackedLinear(nn.Module):
                 missing.append(prefix + "bias")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=True"
+        packed = self.packed is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={packed}"
 
 
 def _time(fn: Callable[[], Tensor], repeats: int) -> float:
@@ -199,9 +228,10 @@ def _frozen_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]
     return found
 
 
-def accelerate(module: nn.Module, kernels: str = "auto") -> int:
-    """Swap ``module``'s frozen CPU fp32 linear layers for ``PackedLinear`` where packed is faster
-    (``"auto"``), everywhere (``"onednn"``) or nowhere (``"default"``); returns how many were swapped."""
+def accelerate(module: nn.Module, kernels: str = "auto", pack_after: int = 4) -> int:
+    """Swap ``module``'s frozen CPU fp32 linear layers for ``PackedLinear`` (packed on their ``pack_after``-th
+    call) where packed is faster (``"auto"``), everywhere (``"onednn"``) or nowhere (``"default"``); returns
+    how many were swapped."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "default" or not packing_available():
@@ -220,6 +250,6 @@ def accelerate(module: nn.Module, kernels: str = "auto") -> int:
     for parent, name, lin in layers:
         if kernels == "auto" and faster[(lin.in_features, lin.out_features)] < _MARGIN:
             continue
-        setattr(parent, name, PackedLinear(lin, shared=counts.get(id(lin.weight), 0) > 1))
+        setattr(parent, name, PackedLinear(lin, counts.get(id(lin.weight), 0) > 1, pack_after))
         swapped += 1
     return swapped
