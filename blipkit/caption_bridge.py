@@ -19,6 +19,7 @@ import torch
 from blipkit.api import Images, Model
 from blipkit.errors import ConfigError
 from blipkit.loading import BLIPKIT_FORMAT, Loaded, load_checkpoint, torch_dtype
+from blipkit.models.chat_cache import ChatCache, position_keys, reusable
 from blipkit.models.decoding import Sampling
 from blipkit.models.fast_linear import accelerate
 from blipkit.models.llm_io import LLMInputs
@@ -173,30 +174,49 @@ class CaptionThenLLM(Model):
         n = max_new_tokens or self.config.prompts.vqa_max_new_tokens
         return self.generate([image], [question], n, **generate_kwargs)[0]
 
-    def chat(self, image: ImageInput, max_new_tokens: int = 30) -> CaptionChat:
-        return CaptionChat(self, image, max_new_tokens)
+    def chat(self, image: ImageInput, max_new_tokens: int = 30, reuse_cache: bool = True) -> CaptionChat:
+        return CaptionChat(self, image, max_new_tokens, reuse_cache)
 
 
 class CaptionChat:
-    """Multi-turn chat about one image through its caption; ``history`` holds (user, assistant) turns."""
+    """Multi-turn chat about one image through its caption; ``history`` holds (user, assistant) turns.
 
-    def __init__(self, model: CaptionThenLLM, image: ImageInput, max_new_tokens: int = 30):
+    With ``reuse_cache`` greedy turns keep the LLM's keys/values, as ``blipkit.api.Chat`` does."""
+
+    def __init__(
+        self, model: CaptionThenLLM, image: ImageInput, max_new_tokens: int = 30, reuse_cache: bool = True
+    ):
         self.model = model
         self.caption = model.describe([image])[0]
         self.template = model.template_for(self.caption)
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = []
+        self.reuse_cache = reuse_cache
+        self._kv = ChatCache()
+
+    @property
+    def cached_tokens(self) -> int:
+        """LLM positions of the last turn's prompt read from the cache."""
+        return self._kv.reused
 
     def prompt(self, message: str) -> Prompt:
         """The fitted prompt for ``message`` (the caption stays in front of the oldest turn kept)."""
         return self.model.text.chat(self.history, message, self.max_new_tokens, self.template)
 
     def send(self, message: str, **generate_kwargs: Any) -> str:
-        sampling = Sampling.from_kwargs(**generate_kwargs)
-        tokens = self.model.complete(None, [self.prompt(message)], self.max_new_tokens, sampling)[0]
-        answer = self.model.text.decode(tokens)
+        sampling, prompt, m = Sampling.from_kwargs(**generate_kwargs), self.prompt(message), self.model
+        if self.reuse_cache and reusable(m.model, m.decoder, sampling):
+            with torch.inference_mode():
+                inputs = m.llm_inputs(None, [prompt])  # text only: no image positions
+                keys = position_keys(prompt.llm_ids, inputs, None)
+                tokens = self._kv.generate(m.decoder.lean, m.decoder.eos, inputs, keys, self.max_new_tokens)
+        else:
+            self._kv.clear()
+            tokens = m.complete(None, [prompt], self.max_new_tokens, sampling)[0]
+        answer = m.text.decode(tokens)
         self.history.append((message, answer))
         return answer
 
     def reset(self) -> None:
         self.history.clear()
+        self._kv.clear()

@@ -173,3 +173,14 @@ def test_answers_ended_by_eos_are_cached_whole(opt_dir, photo):
     for turn in range(1, len(MESSAGES)):
         fed = lengths[turn - 1] if lengths[turn - 1] < 8 else 7  # the token that hit the limit is not fed
         assert cached[turn] == positions[turn - 1] + fed
+
+
+def test_caption_bridge_chat_reuses_the_cache(opt_dir, photo):
+    bridged = blipkit.via_caption(blipkit.load(opt_dir))
+    chats = [bridged.chat(photo, max_new_tokens=4, reuse_cache=r) for r in (True, False)]
+    cached = []
+    for message in MESSAGES[:4]:
+        assert chats[0].send(message) == chats[1].send(message)
+        cached.append(chats[0].cached_tokens)
+    assert cached[0] == 0 and all(b > a > 0 for a, b in zip(cached[1:-1], cached[2:], strict=True))
+    assert chats[1].cached_tokens == 0
