@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -349,7 +350,9 @@ def run_server(args: argparse.Namespace) -> dict:
                 for b in range(args.bursts):
                     images = [large_jpeg(b * args.burst + i) for i in range(args.burst)]  # new ones each time
                     result["jpeg_kb"] += [len(d) / 1024 for d in images]
-                    result["bursts"].append(burst(server.pid, ask, images, args.settle_s) | {"cache": cache()})
+                    result["bursts"].append(
+                        burst(server.pid, ask, images, args.settle_s) | {"cache": cache()}
+                    )
                     del images
         finally:
             server.terminate()
@@ -385,7 +388,12 @@ def burst(pid: int, ask: Callable[[bytes], tuple[int, str]], images: list[bytes]
     time.sleep(max(0.0, settle_s - 1.0))
     done.set()
     sampler.join()
-    memory = {"peak": peak, "just after": just_after, "1 s after": one_s, f"{settle_s:g} s after": status_mb(pid)}
+    memory = {
+        "peak": peak,
+        "just after": just_after,
+        "1 s after": one_s,
+        f"{settle_s:g} s after": status_mb(pid),
+    }
     return {"seconds": seconds, "answers": answers, "memory": memory}
 
 
@@ -419,6 +427,10 @@ def header() -> list[str]:
 def caption_section(
     args: argparse.Namespace, small: Run, large: Run, bookkeeping: dict[int, int]
 ) -> list[str]:
+    from blipkit.batch.job import default_workers, usable_cpus
+
+    threads = args.threads if args.threads is not None else f"{usable_cpus()} (blipkit's default: every CPU)"
+    workers = args.workers if args.workers is not None else f"{default_workers()} (blipkit's default)"
     ratio = large.peak_rss_mb / small.peak_rss_mb
     flat = abs(ratio - 1) <= args.tolerance
     lines = [
@@ -432,6 +444,7 @@ def caption_section(
         "",
         f"Code: {small.code}"
         + ("" if small.code == large.code else f" for the small run, {large.code} for the large one")
+        + f"; torch threads {threads}, decoding workers {workers}"
         + ". Peak RSS is `wait4`'s `ru_maxrss` for that process (the largest of it and its decoding workers, "
         "as GNU `time -f %M`); wall time includes loading the model; every run wrote one caption row per "
         "image.",
@@ -506,39 +519,57 @@ def timeline(run: Run, args: argparse.Namespace, points: int = 10) -> list[str]:
 
 
 def server_section(args: argparse.Namespace, result: dict) -> list[str]:
-    mem, caches = result["memory"], result["caches"]
-    after = mem[f"{args.settle_s:g} s after the burst"]
-    base = mem["baseline"]
-    statuses = [status for status, _ in result["answers"]]
-    ok = sum(status == 200 for status in statuses)
+    base, bursts = result["baseline"], result["bursts"]
+    settled = f"{args.settle_s:g} s after"
+    answers = [a for b in bursts for a in b["answers"]]
+    ok = sum(status == 200 for status, _ in answers)
     lines = [
         SERVER_TITLE,
         "",
         f"`{shlex.join(['python', *sys.argv])}` started `blipkit serve --model {args.model}` (its defaults: "
         "`--max-batch-size 8`, `--cache-size 64`) in a fresh process, sent one warm-up request and waited "
-        f"{args.idle_s:g} s (the baseline), then sent {args.burst} chat requests at once, each with its own "
-        f"2000x1500 JPEG (drawn scene with noise, {result['jpeg_kb']:.0f} KB on average) as a base64 data "
-        f"URL and `max_tokens` {args.max_new_tokens}. Memory of the server process (VmRSS = RssAnon + "
-        f"RssFile), sampled every 10 ms during the burst. Code: {result['code']}.",
+        f"{args.idle_s:g} s (the baseline), then {len(bursts)} times sent {args.burst} chat requests at "
+        f"once, each with its own 2000x1500 JPEG (drawn scene with noise, "
+        f"{statistics.mean(result['jpeg_kb']):.0f} KB on average; new images in every burst) as a base64 "
+        f"data URL and `max_tokens` {args.max_new_tokens}, waiting {args.settle_s:g} s after each. Memory of "
+        "the server process (VmRSS = RssAnon + RssFile), sampled every 10 ms during each burst; the image "
+        f"cache's entries from `/health`. Code: {result['code']}.",
         "",
-        "| when | VmRSS MB | RssAnon MB | RssFile MB |",
-        "|---|---:|---:|---:|",
+        "| when | VmRSS MB | RssAnon MB | RssFile MB | cached images |",
+        "|---|---:|---:|---:|---:|",
     ]
-    labels = {"loaded": "model loaded, no request yet", "baseline": "idle after one warm-up request"}
-    for key, m in mem.items():
-        label = labels.get(key, key)
-        lines.append(f"| {label} | {m['VmRSS']:.1f} | {m['RssAnon']:.1f} | {m['RssFile']:.1f} |")
+
+    def row(label: str, m: dict, cached: object = "") -> None:
+        lines.append(f"| {label} | {m['VmRSS']:.1f} | {m['RssAnon']:.1f} | {m['RssFile']:.1f} | {cached} |")
+
+    row("model loaded, no request yet", result["loaded"])
+    row("idle after one warm-up request (baseline)", base, result["baseline_cache"].get("size"))
+    for i, b in enumerate(bursts, 1):
+        for key, m in b["memory"].items():
+            if i == 1 or key in ("peak", settled):
+                cached = b["cache"].get("size") if key == settled else ""
+                row(f"burst {i}: {key}", m, cached)
+    first, last = bursts[0]["memory"], bursts[-1]["memory"]
+    anon = [b["memory"][settled]["RssAnon"] for b in bursts]
+    added = [after - before for before, after in zip(anon, anon[1:], strict=False)]
+    times = ", ".join(f"{b['seconds']:.1f}" for b in bursts)
     lines += [
         "",
-        f"Answers: {ok} of {len(statuses)} were 200 in {result['burst_s']:.1f} s (for example "
-        f"{result['answers'][0][1]!r}); tracebacks in the server's output: {result['tracebacks']}.",
-        f"VmRSS peak / baseline: **{mem['burst peak']['VmRSS'] / base['VmRSS']:.3f}**; "
-        f"{args.settle_s:g} s after / baseline: **{after['VmRSS'] / base['VmRSS']:.3f}** "
-        f"(RssAnon {after['RssAnon'] / base['RssAnon']:.3f}, {after['RssAnon'] - base['RssAnon']:+.1f} MB).",
-        f"The image cache held {caches['baseline'].get('size')} entries "
-        f"({(caches['baseline'].get('bytes') or 0) / 2**20:.1f} MB of tensors) at the baseline and "
-        f"{caches['after'].get('size')} ({(caches['after'].get('bytes') or 0) / 2**20:.1f} MB) after the "
-        "burst: kept on purpose, up to `--cache-size` images.",
+        f"Answers: {ok} of {len(answers)} were 200 (bursts took {times} s; for example "
+        f"{answers[0][1]!r}); tracebacks in the server's output: {result['tracebacks']}.",
+        "",
+        f"Burst 1: VmRSS peak / baseline **{first['peak']['VmRSS'] / base['VmRSS']:.3f}**; {settled} / "
+        f"baseline **{first[settled]['VmRSS'] / base['VmRSS']:.3f}** (RssAnon "
+        f"{first[settled]['RssAnon'] - base['RssAnon']:+.1f} MB).",
+    ]
+    if added:
+        lines.append(
+            f"After burst {len(bursts)}: VmRSS / baseline **{last[settled]['VmRSS'] / base['VmRSS']:.3f}**; "
+            "RssAnon added by each later burst, MB: " + ", ".join(f"{a:+.1f}" for a in added) + "."
+        )
+    lines += [
+        f"The image cache's tensors take {(bursts[-1]['cache'].get('bytes') or 0) / 2**20:.1f} MB at the end "
+        "(kept on purpose, up to `--cache-size` images).",
         "",
     ]
     return lines
@@ -556,7 +587,7 @@ def write_report(path: Path, args: argparse.Namespace, section: list[str], title
             if current is not None:
                 kept[current].append(line)
     kept[title] = section
-    lines = header(args)
+    lines = header()
     for name in (CAPTION_TITLE, SERVER_TITLE):
         if name in kept:
             body = kept[name]
@@ -582,20 +613,22 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed peak RSS change (0.05)")
     parser.add_argument("--sample-s", type=float, default=0.5, help="memory sampling period (default 0.5)")
     parser.add_argument("--server", action="store_true", help="measure blipkit serve instead of captioning")
-    parser.add_argument("--burst", type=int, default=32, help="concurrent requests of the burst (default 32)")
+    parser.add_argument("--burst", type=int, default=32, help="concurrent requests of a burst (default 32)")
+    parser.add_argument("--bursts", type=int, default=5, help="bursts, each with new images (default 5)")
     parser.add_argument("--idle-s", type=float, default=3.0, help="idle wait before the baseline (default 3)")
     parser.add_argument("--settle-s", type=float, default=5.0, help="wait after the burst (default 5)")
     parser.add_argument("--startup-s", type=float, default=600.0, help="wait this long for the server")
     args = parser.parse_args()
     if not 0 < args.small < args.large:
         parser.error("need 0 < --small < --large")
-    if args.burst < 1 or args.settle_s < 1:
-        parser.error("--burst must be at least 1 and --settle-s at least 1")
+    if args.burst < 1 or args.bursts < 1 or args.settle_s < 1:
+        parser.error("--burst, --bursts and --settle-s must be at least 1")
 
     if args.server:
         result = run_server(args)
         text = write_report(args.out, args, server_section(args, result), SERVER_TITLE)
-        failed = any(status != 200 for status, _ in result["answers"]) or result["tracebacks"]
+        statuses = [status for b in result["bursts"] for status, _ in b["answers"]]
+        failed = any(status != 200 for status in statuses) or result["tracebacks"]
     else:
         with tempfile.TemporaryDirectory(prefix="caption-memory-") as tmp:
             runs, bookkeeping = {}, {}
