@@ -320,7 +320,8 @@ def release_memory() -> None:
 
 def check_image_url(url: str, allow_remote: bool, param: str) -> str:
     """The URL's kind, ``"data"`` or ``"remote"``; anything else (file://, paths) is refused."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
+    # only the scheme goes to urlsplit: it keeps its last 128 URLs (an lru_cache), and a data URI is an image
+    scheme = urllib.parse.urlsplit(url[: url.find(":") + 1]).scheme.lower() if ":" in url else ""
     if scheme == "data":
         return "data"
     if scheme in ("http", "https"):
