@@ -300,29 +300,10 @@ def chat_body(data: bytes, max_tokens: int) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
 
 
-def start_server(model: str, port: int, log: Path, startup_s: float) -> subprocess.Popen:
-    import httpx
-
-    command = [sys.executable, "-m", "blipkit", "serve", "--model", model, "--port", str(port)]
-    with open(log, "w") as f:
-        server = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + startup_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.terminate()
-    raise SystemExit(f"the server did not answer /health within {startup_s:.0f} s")
-
-
 def run_server(args: argparse.Namespace) -> dict:
     """The server's memory at idle, then at each burst's peak and ``--settle-s`` after it; the answers."""
     import httpx
+    from local_server import start_server  # needs httpx too
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -330,7 +311,7 @@ def run_server(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         print(f"starting blipkit serve --model {args.model} on {base} ...", file=sys.stderr)
-        server = start_server(args.model, port, log, args.startup_s)
+        server = start_server(["--model", args.model], port, log, args.startup_s)
         try:
             with httpx.Client(base_url=base, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
 

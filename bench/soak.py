@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from local_server import start_server
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,25 +165,6 @@ def client_loop(base: str, requests: Requests, seed: int, until: float, out: lis
             out.append(Outcome(kind, status, time.monotonic() - start))
 
 
-def start_server(model: str, port: int, log: Path, startup_s: float) -> subprocess.Popen:
-    command = [sys.executable, "-m", "blipkit", "serve", "--model", model, "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--max-image-mb", str(MAX_IMAGE_MB)]
-    with open(log, "w") as f:
-        server = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + startup_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.terminate()
-    raise SystemExit(f"the server did not answer /health within {startup_s:.0f} s")
-
-
 def percentile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
@@ -261,7 +243,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         print(f"starting blipkit serve --model {args.model} on 127.0.0.1:{port} ...", file=sys.stderr)
-        server = start_server(args.model, port, log, args.startup_s)
+        options = ["--model", args.model, "--host", "127.0.0.1", "--max-image-mb", str(MAX_IMAGE_MB)]
+        server = start_server(options, port, log, args.startup_s)
         try:
             base = f"http://127.0.0.1:{port}"
             rss = {"loaded": memory_mb(server.pid)}
