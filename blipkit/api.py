@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from blipkit.errors import UsageError
 from blipkit.loading import Loaded
 from blipkit.models.blip2 import Visual
 from blipkit.models.chat_cache import ChatCache, position_keys, reusable
+from blipkit.models.continuous import Row, split_rows
 from blipkit.models.decoding import Decoder, OnToken, Sampling
 from blipkit.models.family import capabilities, require
 from blipkit.models.llm_io import LLMInputs
@@ -113,24 +115,44 @@ class Model:
         sampling: Sampling | None = None,
         on_token: OnToken | None = None,
         decoder: Decoder | None = None,
+        continuous: bool = True,
     ) -> list[list[int]]:
-        """New token ids for each (image, prompt) pair, in batches of ``batch_size``.
+        """New token ids for each (image, prompt) pair, at most ``batch_size`` decoding at once.
 
-        ``on_token(i, token)`` sees pair i's tokens as they come (see ``blipkit.models.decoding``);
-        ``decoder`` replaces the model's own.
+        Greedy pairs are batched continuously where the LLM allows it: when a pair finishes, the next one
+        takes its place (``blipkit.models.continuous``); otherwise, and with ``continuous=False``, they go in
+        static batches of ``batch_size``. ``on_token(i, token)`` sees pair i's tokens as they come (see
+        ``blipkit.models.decoding``); ``decoder`` replaces the model's own.
         """
         self.require_llm()
         items = self._items(images)
         n = items.batch_size if isinstance(items, Visual) else len(items)
         if len(prompts) != n:
             raise UsageError(f"{n} images but {len(prompts)} prompts")
-        out: list[list[int]] = []
-        for i in range(0, n, self.batch_size):
-            rows = slice(i, i + self.batch_size)
-            part = items.rows(rows) if isinstance(items, Visual) else items[rows]
-            inputs = self.llm_inputs(part, prompts[rows])
-            sink = None if on_token is None else _offset(on_token, i)
-            out += (decoder or self.decoder).generate(inputs, max_new_tokens, sampling or Sampling(), sink)
+        decoder, sampling = decoder or self.decoder, sampling or Sampling()
+        chunks = [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+
+        def inputs(rows: slice) -> LLMInputs:
+            return self.llm_inputs(
+                items.rows(rows) if isinstance(items, Visual) else items[rows], prompts[rows]
+            )
+
+        if continuous and len(chunks) > 1 and decoder.joins(sampling):
+            out: list[list[int]] = [[] for _ in range(n)]
+            sink = decoder.collector(out, on_token)
+
+            def rows() -> Iterator[Row]:  # encoded a batch at a time, as slots free up
+                for part in chunks:
+                    sinks = [functools.partial(sink, i) for i in range(part.start, part.stop)]
+                    yield from split_rows(inputs(part), max_new_tokens, sinks)
+
+            for _ in decoder.continuous(rows(), self.batch_size):
+                pass
+            return out
+        out = []
+        for part in chunks:
+            row_sink = None if on_token is None else _offset(on_token, part.start)
+            out += decoder.generate(inputs(part), max_new_tokens, sampling, row_sink)
         return out
 
     def llm_inputs(self, images: Any, prompts: Sequence[Prompt]) -> LLMInputs:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from blipkit.models.blip2 import Blip2
+from blipkit.models.continuous import ContinuousBatch, Row, decode_continuously, joinable
 from blipkit.models.greedy import GreedyDecoder, plain_greedy
 from blipkit.models.llm_io import LLMInputs, cache_keyword
 from blipkit.models.prefix_cache import KV, stack_kv
@@ -148,6 +149,7 @@ class Decoder:
         self.greedy_head = greedy_head
         self.lean_fits = plain_greedy(blip)  # the lean loop gives exactly transformers' greedy tokens
         self._lean: GreedyDecoder | None = None
+        self._joins: bool | None = None
         self._lock = threading.Lock()
 
     @property
@@ -156,6 +158,32 @@ class Decoder:
             if self._lean is None:
                 self._lean = GreedyDecoder(self.blip.llm, self.greedy_head)
             return self._lean
+
+    def collector(self, out: list[list[int]], on_token: OnToken | None = None) -> OnToken:
+        """An ``on_token`` that appends each row's tokens to ``out[row]`` (EOS ends the row, unrecorded) and
+        passes them on to ``on_token``."""
+
+        def sink(row: int, token: int) -> bool:
+            stop = bool(on_token(row, token)) if on_token is not None else False
+            if token in self.eos:
+                return True
+            out[row].append(token)
+            return stop
+
+        return sink
+
+    def joins(self, sampling: Sampling) -> bool:
+        """Whether rows decoded with ``sampling`` can be batched continuously (``continuous``)."""
+        if self._joins is None:  # a fact of the model: computing it twice is harmless
+            self._joins = self.lean_fits and joinable(self.blip.llm)
+        return self.path(sampling) == "lean" and self._joins
+
+    def continuous(
+        self, rows: Iterable[Row], slots: int, admit_at: int | None = None
+    ) -> Iterator[ContinuousBatch]:
+        """Greedy decoding of ``rows`` with at most ``slots`` at once, newcomers taking the place of finished
+        rows (``blipkit.models.continuous``); only where ``joins(GREEDY)``."""
+        return decode_continuously(self.lean, rows, slots, admit_at)
 
     def path(self, sampling: Sampling) -> str:
         """Which loop ``generate`` takes for ``sampling``: ``"lean"`` or ``"transformers"``."""
@@ -177,14 +205,7 @@ class Decoder:
         """
         B = inputs.embeds.shape[0]
         out: list[list[int]] = [[] for _ in range(B)]
-
-        def sink(row: int, token: int) -> bool:
-            stop = bool(on_token(row, token)) if on_token is not None else False
-            if token in self.eos:
-                return True
-            out[row].append(token)
-            return stop
-
+        sink = self.collector(out, on_token)
         if self.path(sampling) == "lean":
             if prefix_kv is not None:
                 self.lean.run(inputs.text(), max_new_tokens, sink, stack_kv(self.blip.llm, prefix_kv))

@@ -54,7 +54,7 @@ class GreedyDecoder:
         self.cache_arg = cache_keyword(self.body)
         self.positions = takes(self.body, "position_ids")
 
-    def _next_tokens(self, inputs: dict, cache: DynamicCache) -> Tensor:
+    def next_tokens(self, inputs: dict, cache: DynamicCache) -> Tensor:
         """The argmax token of every row (b,); the cache grows by this step's positions."""
         kwargs = {**inputs, self.cache_arg: cache, "use_cache": True}
         if self.head is None:
@@ -85,7 +85,7 @@ class GreedyDecoder:
             step["position_ids"] = inputs.position_ids
         alive = torch.arange(B)  # the original row of each batch row still decoding
         for _ in range(max_new_tokens):
-            next_ids = self._next_tokens(step, cache)  # (b,)
+            next_ids = self.next_tokens(step, cache)  # (b,)
             done = torch.tensor(
                 [on_token(row, tok) for row, tok in zip(alive.tolist(), next_ids.tolist(), strict=True)],
                 dtype=torch.bool,
