@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -106,7 +107,6 @@ class Model:
         return visual
 
     # --- generation -----------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def complete(
         self,
         images: Images | Tensor | Visual,
@@ -117,43 +117,72 @@ class Model:
         decoder: Decoder | None = None,
         continuous: bool = True,
     ) -> list[list[int]]:
-        """New token ids for each (image, prompt) pair, at most ``batch_size`` decoding at once.
-
-        Greedy pairs are batched continuously where the LLM allows it: when a pair finishes, the next one
-        takes its place (``blipkit.models.continuous``); otherwise, and with ``continuous=False``, they go in
-        static batches of ``batch_size``. ``on_token(i, token)`` sees pair i's tokens as they come (see
-        ``blipkit.models.decoding``); ``decoder`` replaces the model's own.
-        """
+        """New token ids for each (image, prompt) pair, at most ``batch_size`` decoding at once (see
+        ``complete_batches``). ``on_token(i, token)`` sees pair i's tokens as they come (see
+        ``blipkit.models.decoding``); ``decoder`` replaces the model's own."""
         self.require_llm()
         items = self._items(images)
         n = items.batch_size if isinstance(items, Visual) else len(items)
         if len(prompts) != n:
             raise UsageError(f"{n} images but {len(prompts)} prompts")
+        parts = (slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size))
+        batches = ((items.rows(p) if isinstance(items, Visual) else items[p], prompts[p]) for p in parts)
+        done = self.complete_batches(batches, max_new_tokens, sampling, on_token, decoder, continuous)
+        return [tokens for batch in done for tokens in batch]
+
+    @torch.inference_mode()
+    def complete_batches(
+        self,
+        batches: Iterable[tuple[Any, Sequence[Prompt]]],
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        on_token: OnToken | None = None,
+        decoder: Decoder | None = None,
+        continuous: bool = True,
+    ) -> Iterator[list[list[int]]]:
+        """New token ids for each batch of (images, prompts), yielded batch by batch in order; batches are
+        read (and their images encoded) only as decoding needs them.
+
+        Greedy rows are batched continuously where the LLM allows it: when a row finishes, the next one takes
+        its place, whichever batch it comes from (``blipkit.models.continuous``); otherwise, and with
+        ``continuous=False``, each batch decodes on its own. ``on_token(i, token)`` numbers rows across
+        batches.
+        """
         decoder, sampling = decoder or self.decoder, sampling or Sampling()
-        chunks = [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        if not (continuous and decoder.joins(sampling)):
+            start = 0
+            for images, prompts in batches:
+                sink = None if on_token is None else _offset(on_token, start)
+                yield (
+                    decoder.generate(self.llm_inputs(images, prompts), max_new_tokens, sampling, sink)
+                    if prompts
+                    else []
+                )
+                start += len(prompts)
+            return
+        waiting: deque[list] = deque()  # per batch read: [its tokens per row, rows still decoding]
 
-        def inputs(rows: slice) -> LLMInputs:
-            return self.llm_inputs(
-                items.rows(rows) if isinstance(items, Visual) else items[rows], prompts[rows]
-            )
+        def rows() -> Iterator[Row]:
+            start = 0
+            for images, prompts in batches:
+                entry: list = [[[] for _ in prompts], len(prompts)]
+                waiting.append(entry)
+                if not prompts:
+                    continue
+                sink = decoder.collector(entry[0], None if on_token is None else _offset(on_token, start))
 
-        if continuous and len(chunks) > 1 and decoder.joins(sampling):
-            out: list[list[int]] = [[] for _ in range(n)]
-            sink = decoder.collector(out, on_token)
+                def leave(entry: list = entry) -> None:
+                    entry[1] -= 1
 
-            def rows() -> Iterator[Row]:  # encoded a batch at a time, as slots free up
-                for part in chunks:
-                    sinks = [functools.partial(sink, i) for i in range(part.start, part.stop)]
-                    yield from split_rows(inputs(part), max_new_tokens, sinks)
+                sinks = [functools.partial(sink, i) for i in range(len(prompts))]
+                yield from split_rows(self.llm_inputs(images, prompts), max_new_tokens, sinks, leave)
+                start += len(prompts)
 
-            for _ in decoder.continuous(rows(), self.batch_size):
-                pass
-            return out
-        out = []
-        for part in chunks:
-            row_sink = None if on_token is None else _offset(on_token, part.start)
-            out += decoder.generate(inputs(part), max_new_tokens, sampling, row_sink)
-        return out
+        for _ in decoder.continuous(rows(), self.batch_size):
+            while waiting and waiting[0][1] == 0:
+                yield waiting.popleft()[0]
+        while waiting:  # batches with no rows left to decode
+            yield waiting.popleft()[0]
 
     def llm_inputs(self, images: Any, prompts: Sequence[Prompt]) -> LLMInputs:
         """What the LLM reads for a batch of (image, prompt) pairs: the visual prompt joined with the text."""

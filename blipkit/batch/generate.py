@@ -2,15 +2,20 @@
 
 Every row of a batch shares one prompt, so no row is padded; greedy batches take the lean loop (a row that
 emits EOS leaves the batch at once) wherever it gives transformers' tokens: ``blipkit.models.decoding``
-decides.
+decides. ``Captioner.stream`` also lets the next images take the slots of finished ones.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
+
 from torch import Tensor
 
 from blipkit.api import Model
+from blipkit.batch.decode import Batch
 from blipkit.models.decoding import Decoder, Sampling
+from blipkit.text import Prompt
 
 
 class Captioner:
@@ -37,6 +42,20 @@ class Captioner:
 
     def __call__(self, pixel_values: Tensor) -> list[str]:
         return [self.model.text.decode(t) for t in self.tokens(pixel_values)]
+
+    def stream(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[str]]]:
+        """Each batch with the captions of its readable images, in order. Batches are read as decoding needs
+        them: greedy captions are batched continuously, an image taking the slot of one that finished."""
+        read: deque[Batch] = deque()
+
+        def inputs() -> Iterator[tuple[Tensor | None, list[Prompt]]]:
+            for batch in batches:
+                read.append(batch)
+                yield batch.pixels, [self.prompt] * (0 if batch.pixels is None else batch.pixels.shape[0])
+
+        done = self.model.complete_batches(inputs(), self.max_new_tokens, self.sampling, decoder=self.decoder)
+        for tokens in done:
+            yield read.popleft(), [self.model.text.decode(t) for t in tokens]
 
     def tokens(self, pixel_values: Tensor) -> list[list[int]]:
         """New token ids per image, EOS excluded."""

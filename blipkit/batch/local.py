@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 
 import torch
 from torch import Tensor
 
-from blipkit.batch.decode import batches
+from blipkit.batch.decode import Batch, batches
 from blipkit.batch.generate import Captioner
 from blipkit.batch.job import Job, Progress, Summary, pending, result_rows, usable_cpus
 from blipkit.batch.writers import Sink
@@ -42,6 +42,17 @@ def run_local(job: Job, sink: Sink) -> Summary:
     return run_pending(job, sink, load)
 
 
+def predictions(predict: Predict, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list]]:
+    """Each batch with the results for its readable images, in order: through ``predict.stream`` where the
+    predictor has one (continuous batching), else batch by batch."""
+    stream = getattr(predict, "stream", None)
+    if stream is not None:
+        yield from stream(batches)
+        return
+    for batch in batches:
+        yield batch, [] if batch.pixels is None else predict(batch.pixels)
+
+
 def run_pending(
     job: Job,
     sink: Sink,
@@ -64,10 +75,10 @@ def run_pending(
     processor, predict = load()
     progress = Progress(job, summary, desc=desc)
     try:
-        for batch in batches(processor, chain([first], items), job.batch_size, job.workers):
-            results = {}
-            if batch.pixels is not None:
-                results = dict(zip(batch.ok, predict(batch.pixels), strict=True))
+        for batch, predicted in predictions(
+            predict, batches(processor, chain([first], items), job.batch_size, job.workers)
+        ):
+            results = dict(zip(batch.ok, predicted, strict=True))
             sink.write(result_rows(batch.keys, results, batch.errors, column))
             summary.captioned += len(results)
             summary.failed += len(batch.errors)

@@ -36,17 +36,25 @@ from blipkit.models.llm_io import LLMInputs, new_cache
 @dataclass
 class Row:
     """One sequence to decode: its prompt embeddings (n, D) with no padding, a token budget, and where its
-    tokens go: ``on_token(token)`` returns True when the row is done (it also stops after its budget)."""
+    tokens go: ``on_token(token)`` returns True when the row is done (it also stops after its budget);
+    ``on_done()`` is called once when it leaves."""
 
     embeds: Tensor  # (n, D)
     max_new_tokens: int
     on_token: Callable[[int], bool]
+    on_done: Callable[[], None] | None = None
 
 
-def split_rows(inputs: LLMInputs, max_new_tokens: int, sinks: list[Callable[[int], bool]]) -> list[Row]:
+def split_rows(
+    inputs: LLMInputs,
+    max_new_tokens: int,
+    sinks: list[Callable[[int], bool]],
+    on_done: Callable[[], None] | None = None,
+) -> list[Row]:
     """The rows of a batch of LLM inputs, their padding dropped (positions follow from the real tokens)."""
     return [
-        Row(inputs.embeds[i][inputs.mask[i].bool()], max_new_tokens, sink) for i, sink in enumerate(sinks)
+        Row(inputs.embeds[i][inputs.mask[i].bool()], max_new_tokens, sink, on_done)
+        for i, sink in enumerate(sinks)
     ]
 
 
@@ -153,6 +161,8 @@ class ContinuousBatch:
             counts[i] += 1
             if not row.on_token(token) and counts[i] < row.max_new_tokens:
                 keep.append(i)
+            elif row.on_done is not None:
+                row.on_done()
         return keep
 
     @torch.inference_mode()
@@ -207,6 +217,9 @@ def decode_continuously(
                 row = next(source, None)
                 if row is None:
                     exhausted = True
+                elif row.max_new_tokens < 1:
+                    if row.on_done is not None:
+                        row.on_done()
                 else:
                     waiting.append(row)
             if waiting:
