@@ -52,8 +52,9 @@ def make_tokenizer(vocab_size: int):
     return fast
 
 
-def build(path: Path, seed: int = 0):
-    """Save a random transformers BLIP-2 (realistic shape ratios) to ``path``; return it and its processor."""
+def build(path: Path, seed: int = 0, eos_token_id: int = 2):
+    """Save a random transformers BLIP-2 (realistic shape ratios) to ``path``; return it and its processor.
+    ``eos_token_id`` names the token that ends a caption (``</s>`` by default); weights follow ``seed``."""
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -65,6 +66,7 @@ def build(path: Path, seed: int = 0):
     )
 
     tok = make_tokenizer(50272)
+    tok.eos_token = tok.convert_ids_to_tokens(eos_token_id)
     vision = Blip2VisionConfig(
         hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
         image_size=224, patch_size=14, qkv_bias=True,
@@ -76,7 +78,7 @@ def build(path: Path, seed: int = 0):
     text = OPTConfig(
         vocab_size=len(tok), hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
         word_embed_proj_dim=768, max_position_embeddings=2048,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=eos_token_id,
     )  # fmt: skip
     config = Blip2Config(
         vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,

@@ -244,6 +244,87 @@ def bench_clients(engine: Engine, image: bytes, clients: int, rounds: int, token
     }
 
 
+def bench_mixed(
+    model: blipkit.Model,
+    image: bytes,
+    clients: int,
+    requests: list[tuple[str, int]],
+    slots: int = 8,
+    rounds: int = 2,
+) -> dict[str, object]:
+    """``clients`` concurrent requests (question, max_tokens) about one cached image, on engines of ``slots``
+    rows (the server's default batch) that batch continuously or wait for their longest request; the best of
+    ``rounds`` interleaved rounds each, and whether every answer is the same."""
+    engines = {"static": Engine(model, slots, continuous=False), "continuous": Engine(model, slots)}
+    key = f"mixed-{hash(image)}"
+    walls: dict[str, list[float]] = {name: [] for name in engines}
+    texts: dict[str, list[str]] = {}
+    lengths: list[int] = []
+
+    def one(engine: Engine, i: int) -> tuple[str, int]:
+        question, budget = requests[i % len(requests)]
+        result = engine.run(image, key, engine.prompt([], question, budget), max_tokens=budget)
+        return result.text, result.completion_tokens
+
+    for engine in engines.values():
+        one(engine, 0)  # warm: the image is cached from here on
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            out: list = [None] * clients
+            barrier = threading.Barrier(clients)
+
+            def client(i: int, engine: Engine = engine, out: list = out, barrier=barrier) -> None:
+                barrier.wait()
+                out[i] = one(engine, i)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            walls[name].append(time.perf_counter() - start)
+            texts[name] = [text for text, _ in out]
+            lengths = [n for _, n in out]
+    for engine in engines.values():
+        engine.stop()
+    best = {name: min(v) for name, v in walls.items()}
+    return {
+        "walls": walls,
+        "rps": {name: clients / b for name, b in best.items()},
+        "gain": best["static"] / best["continuous"],
+        "same": sum(a == b for a, b in zip(texts["static"], texts["continuous"], strict=True)),
+        "lengths": lengths,
+    }
+
+
+def mixed_lines(title: str, stats: dict, clients: int, slots: int) -> list[str]:
+    lengths = stats["lengths"]
+    return [
+        f"### {title}",
+        "",
+        f"{clients} concurrent requests, server batch {slots}, new tokens per answer: min {min(lengths)}, "
+        f"mean {statistics.mean(lengths):.1f}, max {max(lengths)}.",
+        "",
+        "| batching | wall (s), best | all rounds | requests/s |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {min(w):.2f} | {', '.join(f'{x:.2f}' for x in w)} | {stats['rps'][name]:.2f} |"
+            for name, w in stats["walls"].items()
+        ),
+        "",
+        f"Continuous / static: **{stats['gain']:.2f}x**; same answers {stats['same']}/{clients}.",
+    ]
+
+
+MIXED_LLAVA = [
+    ("What shape is in the image?", 30),
+    ("Describe the image.", 30),
+    ("What color is the shape?", 30),
+    ("Describe the image.", 30),
+]
+
+
 def bench_default(tokens: int, image: bytes) -> str:
     try:
         model = blipkit.load("default")
@@ -279,6 +360,10 @@ def main() -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny Q-Former and LLM: checks the script only")
     parser.add_argument("--skip-default", action="store_true", help="do not try blipkit.load('default')")
+    parser.add_argument("--mixed-only", action="store_true", help="only the mixed-length batching rows")
+    parser.add_argument("--long-tokens", type=int, default=30, help="the long requests' max_tokens")
+    parser.add_argument("--mixed-rounds", type=int, default=2, help="interleaved rounds of the mixed rows")
+    parser.add_argument("--mixed-batch", type=int, default=8, help="server batch size of the mixed rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:
@@ -295,6 +380,9 @@ def main() -> int:
         hf = build_model(Path(tmp), args.vision_layers, args.vision_width, args.smoke)
         bk = blipkit.load(tmp)
         print(f"built and loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    if args.mixed_only:
+        mixed_section(bk, image, args, say)
+        return write_report(args, lines)
     engine = Engine(bk, max_batch_size=args.clients, batch_window_ms=10)
     # warm-up on another image, not timed: first-call allocations and lazy initialisation on both sides
     bench_transformers(hf, bk, photo(shift=1), 2, QUESTIONS[:1])
@@ -356,6 +444,37 @@ def main() -> int:
         say("## Default model")
         say()
         say(bench_default(n, image))
+    say()
+    mixed_section(bk, image, args, say)
+    return write_report(args, lines)
+
+
+def mixed_section(bk: blipkit.Model, image: bytes, args: argparse.Namespace, say) -> None:
+    """Continuous vs static batching on mixed output lengths: short and long budgets on the random model
+    (which never stops early), one-word answers and descriptions on the trained ``default-llava``."""
+    say("## Mixed output lengths: continuous vs static batching")
+    say()
+    short = [(q, 2 if i % 2 == 0 else args.long_tokens) for i, q in enumerate(QUESTIONS)]
+    stats = bench_mixed(bk, image, args.clients, short, args.mixed_batch, args.mixed_rounds)
+    title = f"Random BLIP-2 above, max_tokens 2 and {args.long_tokens} alternating"
+    for line in mixed_lines(title, stats, args.clients, args.mixed_batch):
+        say(line)
+    if args.skip_default:
+        return
+    try:
+        llava = blipkit.load("default-llava")
+    except Exception as e:  # the embedded default needs its assets
+        say(f"\n`default-llava` is not available here ({type(e).__name__}: {e}); not measured.")
+        return
+    shape = (Path(__file__).resolve().parents[1] / "examples" / "blue_triangle.png").read_bytes()
+    stats = bench_mixed(llava, shape, args.clients, MIXED_LLAVA, args.mixed_batch, args.mixed_rounds)
+    say()
+    title = "default-llava: short questions and 'Describe the image.'"
+    for line in mixed_lines(title, stats, args.clients, args.mixed_batch):
+        say(line)
+
+
+def write_report(args: argparse.Namespace, lines: list[str]) -> int:
     if args.out:
         header = [
             "# blipkit serve: image cache and batching benchmark",

@@ -185,6 +185,11 @@ class Decoder:
         rows (``blipkit.models.continuous``); only where ``joins(GREEDY)``."""
         return decode_continuously(self.lean, rows, slots, admit_at)
 
+    def continuous_batch(self, slots: int, admit_at: int | None = None) -> ContinuousBatch:
+        """An empty continuous batch over the lean loop, for callers that admit rows themselves (the
+        server); only where ``joins(GREEDY)``."""
+        return ContinuousBatch(self.lean, slots, admit_at)
+
     def path(self, sampling: Sampling) -> str:
         """Which loop ``generate`` takes for ``sampling``: ``"lean"`` or ``"transformers"``."""
         return "lean" if sampling.greedy and self.lean_fits else "transformers"

@@ -18,8 +18,11 @@ The image side comes from an LRU cache keyed by image hash when the image was se
 * encoder-decoder LLMs (T5), or LLMs whose cache cannot be reused that way: the visual prompt only, the LLM
   reading [visual prompt; text] whole for every question.
 
-Jobs whose decoding is their own (a seed, log-probabilities, a grammar, a logit bias, several images) run
-one per batch. Stop sequences are matched on the decoded text as it grows; streamed text holds back what
+Greedy requests that overlap are batched continuously where the LLM allows it
+(``blipkit.models.continuous``): a request that finished leaves the running batch at once and one waiting in
+the queue takes its slot, so a one-word answer does not wait for a long description beside it. Jobs whose
+decoding is their own (a seed, log-probabilities, a grammar, a logit bias, several images) run one per
+batch. Stop sequences are matched on the decoded text as it grows; streamed text holds back what
 could be the start of one. Jobs with no image run on the LLM alone (``run_text``).
 """
 
@@ -31,8 +34,11 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +46,8 @@ from torch import Tensor
 
 from blipkit.api import Model
 from blipkit.models.blip2 import Visual
+from blipkit.models.continuous import ContinuousBatch, split_rows
+from blipkit.models.decoding import GREEDY
 from blipkit.models.llm_io import LLMInputs, positions_from_mask
 from blipkit.models.prefix_cache import compute_prefix_kv, row_kv, supports_prefix_kv
 from blipkit.processing import load_image
@@ -62,11 +70,13 @@ class Engine:
         cache_size: int = 64,
         cache_bytes: int | None = None,
         prefix_kv: bool = True,
+        continuous: bool = True,
     ):
         """Keeps ``cache_size`` images cached (and at most ``cache_bytes`` of tensors, if given).
 
         With ``prefix_kv`` an entry also holds the LLM's keys/values over the visual prompt, where the model
-        allows it (see ``blipkit.models.prefix_cache``).
+        allows it (see ``blipkit.models.prefix_cache``). ``continuous`` batches overlapping greedy requests
+        continuously where the LLM allows it; off, every batch decodes until its longest request is done.
         """
         model.require_llm()
         self.model = model
@@ -85,6 +95,7 @@ class Engine:
         self.question_aware = getattr(model.model, "question_aware", False)
         # worth it only when entries are kept: the prefix run once per image instead of once per question
         self.prefix_kv = prefix_kv and self.cache.capacity > 0 and supports_prefix_kv(model.model)
+        self.continuous = continuous
         self._text_model: Model | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -203,7 +214,11 @@ class Engine:
             batch = [j for j in batch if not j.cancelled]
             batch.sort(key=lambda j: j.group)
             for _, group in itertools.groupby(batch, key=lambda j: j.group):
-                self.run_batch(list(group))
+                jobs = list(group)
+                if len(jobs) > 1 and self.joins(jobs[0]):
+                    self.run_continuous(jobs)
+                else:  # a lone request keeps the cached prefix of its image (no join to pay for)
+                    self.run_batch(jobs)
             if self._queue.empty():  # idle after a burst: hand the heap's free pages back to the OS
                 release_memory()
 
@@ -284,6 +299,12 @@ class Engine:
             kv = [e.kv for e in entries]
             self.decoder.generate(inputs, max_new, sampling, on_token, prefix_kv=kv)
             return
+        self.decoder.generate(self._inputs(jobs, entries), max_new, sampling, on_token)
+
+    def _inputs(self, jobs: list[Job], entries: list[ImageEntry]) -> LLMInputs:
+        """The LLM inputs [visual prompt; text] of each job, from its cached features (no prefix cache)."""
+        blip, text, device = self.model.model, self.model.text, self.model.device
+        feats = torch.cat([e.features for e in entries])  # (B, Q, Dl) or (B, P, Dv)
         if self.question_aware:
             q_ids, q_mask = text.qformer_batch([j.prompt.qformer_text for j in jobs])
             visual = Visual(
@@ -293,9 +314,77 @@ class Engine:
             )
         else:
             visual = Visual(prefix=feats)
-        ids, mask = text.llm_batch(rows)
-        inputs = blip.llm_inputs(blip.visual_prompt(visual), ids.to(device), mask.to(device))
-        self.decoder.generate(inputs, max_new, sampling, on_token)
+        ids, mask = text.llm_batch([j.prompt.llm_ids for j in jobs])
+        return blip.llm_inputs(blip.visual_prompt(visual), ids.to(device), mask.to(device))
+
+    # --- continuous batching ----------------------------------------------------------------------
+    def joins(self, job: Job) -> bool:
+        """Whether ``job`` can join a continuous batch: greedy, one image, no decoding of its own."""
+        return self.continuous and job.group == (0,) and job.images is None and self.decoder.joins(GREEDY)
+
+    def run_continuous(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` in one continuous batch; while it runs, greedy requests from the queue take the
+        slots of finished ones. A request that cannot join ends the intake (it runs next, in order)."""
+        self.batches += 1
+        batch = self.decoder.continuous_batch(self.max_batch_size)
+        waiting: deque[Job] = deque(jobs)
+        seen = list(jobs)
+        held: list[Job | None] = []  # taken from the queue, not joinable: put back in front afterwards
+        try:
+            while waiting or batch.running:
+                if batch.wants_rows():
+                    while not held and len(waiting) < batch.free:
+                        try:
+                            job = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if job is not None and self.joins(job):
+                            waiting.append(job)
+                            seen.append(job)
+                        elif job is None or not job.cancelled:
+                            held.append(job)
+                    take = [waiting.popleft() for _ in range(min(batch.free, len(waiting)))]
+                    take = [j for j in take if not j.cancelled]
+                    if take:
+                        with self.lock:
+                            self._admit(batch, take)
+                        self.largest_batch = max(self.largest_batch, batch.running)
+                if batch.running:
+                    with self.lock:
+                        batch.step()
+        except Exception as e:  # a failed batch fails its jobs, not the server
+            log.exception("generation failed for a continuous batch of %d", len(seen))
+            for job in seen:
+                if not job.finished:
+                    job.finished = True
+                    self._emit(job, ("error", e))
+        finally:
+            self._requeue(held)
+
+    def _admit(self, batch: ContinuousBatch, jobs: list[Job]) -> None:
+        """Join ``jobs`` to the running batch (their images encoded or taken from the cache)."""
+        inputs = self._inputs(jobs, self._entries(jobs))
+        rows = split_rows(inputs, 1, [partial(self.deliver, j) for j in jobs])
+        batch.add(
+            [
+                replace(row, max_new_tokens=job.max_tokens, on_done=partial(self._ended, job))
+                for row, job in zip(rows, jobs, strict=True)
+            ]
+        )
+
+    def _ended(self, job: Job) -> None:
+        """A row left the batch: a job not finished by EOS, a stop or its budget ends at its length."""
+        if not job.finished:
+            self._finish(job, "length")
+
+    def _requeue(self, held: list[Job | None]) -> None:
+        """Put jobs taken from the queue back in front of it, in order (``get`` counts no task done, so the
+        queue's count of unfinished tasks already holds them)."""
+        if not held:
+            return
+        with self._queue.mutex:
+            self._queue.queue.extendleft(reversed(held))
+            self._queue.not_empty.notify()
 
     def _generate_spliced(self, job: Job) -> None:
         """Decode one job whose prompt holds an image token per image (LLaVA with several images)."""
