@@ -18,6 +18,7 @@ from blipkit.models.continuous import Row, split_rows
 from blipkit.models.decoding import Decoder, OnToken, Sampling
 from blipkit.models.family import capabilities, require
 from blipkit.models.llm_io import LLMInputs
+from blipkit.models.quantize import OUTLIER_RATIO, Quantized, frozen_linears, quantize
 from blipkit.processing import ImageInput, as_image_list
 from blipkit.text import Prompt, fill
 
@@ -78,6 +79,34 @@ class Model:
     def require_llm(self) -> None:
         """Raise CapabilityError when the model cannot generate text."""
         self.require("caption")
+
+    def quantize(self, mode: str = "int8", threshold: float = OUTLIER_RATIO) -> Quantized:
+        """The frozen LLM's and vision encoder's Linear layers in 8 bits (``"int8"`` on CPU; ``"8bit"`` or
+        ``"4bit"`` through bitsandbytes on CUDA), in place; see ``blipkit.models.quantize``. The output head
+        stays as it is, and for int8 so do layers whose inputs carry outliers (found by a calibration run)."""
+        self.require_llm()
+        blip = self.model
+        towers = {"llm": blip.llm}
+        if isinstance(getattr(blip, "vision", None), torch.nn.Module):
+            towers["vision"] = blip.vision
+        head = blip.llm.get_output_embeddings()
+        keep = {name for name, (_, _, layer) in frozen_linears(towers).items() if layer is head}
+        done = quantize(towers, mode, self._calibration_run, keep, threshold)
+        self._decoder = None  # the decoder's loops are rebuilt over the new layers
+        return done
+
+    def _calibration_run(self) -> None:
+        """One short answer about a synthetic picture: what the layers' inputs look like in use."""
+        from PIL import Image, ImageDraw
+
+        image = Image.new("RGB", (224, 224), (236, 232, 220))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((30, 40, 120, 130), fill=(200, 40, 40))
+        draw.rectangle((110, 120, 200, 200), fill=(40, 90, 200))
+        pixels = self.processor.preprocess(image)[None].to(self.device)
+        prompt = self.text.prompt(self.text.question("What is in the image? Describe it."), 8)
+        plain = Decoder(self.model, self.text.eos_token_id, self.text.llm_pad_id, greedy_head=False)
+        self.complete(pixels, [prompt], 8, decoder=plain)  # (a greedy head would probe on random inputs)
         self.text.require_llm()
 
     # --- inputs ---------------------------------------------------------------------------------------------

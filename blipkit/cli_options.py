@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZE = ("int8", "8bit", "4bit")  # blipkit.models.quantize.MODES, without importing torch for --help
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="frozen weights' dtype (default fp32)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE,
+        help="frozen LLM and vision encoder in 8 bits: int8 (CPU), 8bit or 4bit (CUDA, bitsandbytes)",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -56,4 +63,5 @@ def _load(args: argparse.Namespace, model: str | None) -> Any:
         device=args.device,
         trust_remote_code=getattr(args, "trust_remote_code", False),
         revision=getattr(args, "revision", None),
+        quantize=getattr(args, "quantize", None),
     )

@@ -109,6 +109,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         num_beams=args.num_beams,
         model=args.model,
         dtype=args.dtype,
+        quantize=getattr(args, "quantize", None),
         device=args.device,
         trust_remote_code=getattr(args, "trust_remote_code", False),
         workers=args.workers if args.workers is not None else default_workers(),

@@ -38,6 +38,7 @@ class Job:
     num_beams: int = 1
     model: str = "default"
     dtype: str | None = None
+    quantize: str | None = None
     device: str | None = None
     trust_remote_code: bool = False  # let the checkpoint's dirs run the Python code they ship
     workers: int = field(default_factory=default_workers)

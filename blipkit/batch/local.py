@@ -34,6 +34,7 @@ def run_local(job: Job, sink: Sink) -> Summary:
             job.model,
             dtype=job.dtype,
             device=job.device,
+            quantize=job.quantize,
             batch_size=job.batch_size,
             trust_remote_code=job.trust_remote_code,
         )

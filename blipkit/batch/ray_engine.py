@@ -45,6 +45,7 @@ class CaptionActor:
             job.model,
             dtype=job.dtype,
             device=job.device,
+            quantize=job.quantize,
             batch_size=job.batch_size,
             trust_remote_code=job.trust_remote_code,
         )

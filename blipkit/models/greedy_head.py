@@ -71,8 +71,8 @@ def greedy_head_for(llm: torch.nn.Module) -> GreedyHead | None:
     head = llm.get_output_embeddings()
     base = getattr(llm, "base_model", None)
     weight = getattr(head, "weight", None)
-    if base is None or base is llm or weight is None or weight.dtype != torch.float32:
-        return None
+    if base is None or base is llm or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
+        return None  # (a quantized head's ``weight`` is a method)
     if weight.device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     bias = getattr(head, "bias", None)
