@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best round counts")
     ap.add_argument("--no-default", action="store_true", help="skip the embedded default model rows")
     ap.add_argument("--report", action="store_true", help="write reports/caption-throughput.md")
+    ap.add_argument(
+        "--continuous", action="store_true", help="continuous vs static rows, mixed caption lengths"
+    )
     args = ap.parse_args(argv)
 
     import blipkit
@@ -284,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             partial(blipkit_captions, torch_kernels, files[: args.images], B, N, args.workers),
             args.images,
         )
+        if d == "fp32":  # int8 frozen towers (blipkit.models.quantize), against the fp32 rows
+            int8 = blipkit.load(tmp / "model", quantize="int8")
+            runs["blipkit_int8"] = (
+                partial(blipkit_captions, int8, files[: args.images], B, N, args.workers),
+                args.images,
+            )
         if d == "fp32" and args.large_batch:  # bandwidth-bound decoding: more rows per read of the weights
             L = args.large_batch
             runs[f"hf_batched_fp32_b{L}"] = (
@@ -300,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         if d == "fp32":
             steps[f"transformers {d}"] = (decode_step_seconds(hf.language_model, B), hf.language_model)
             steps[f"blipkit {d}"] = (decode_step_seconds(ours.model.llm, B), ours.model.llm)
+    if args.continuous:  # mixed caption lengths: continuous vs static batches (bench/continuous_batching.py)
+        from continuous_batching import caption_job
+
+        job, facts = caption_job(tmp / "continuous", args.images, B, 30)
+        for name, fn in job.items():
+            fn()  # warm-up
+            runs[name] = (fn, args.images)
     if not args.no_default:
         shapes = easy_vqa_images(args.images)
         for d in dtypes:
@@ -362,6 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ratio(ours, 'hf_single_fp32')}; same caption as transformers fp32: "
                 f"{agree(ours, 'hf_batched_fp32'):.0%}"
             )
+    if "blipkit_int8" in best:
+        lines.append(
+            f"- int8: blipkit int8 / transformers fp32 batched {ratio('blipkit_int8', 'hf_batched_fp32')}, / "
+            f"blipkit fp32 {ratio('blipkit_int8', 'blipkit_fp32')}; same caption as blipkit fp32: "
+            f"{agree('blipkit_int8', 'blipkit_fp32'):.0%} (random weights: near-tied logits flip)"
+        )
+    if args.continuous:
+        lines.append(
+            f"- mixed caption lengths (max 30 tokens): continuous / static batches "
+            f"{ratio('caption_continuous', 'caption_static')}; same captions "
+            f"{agree('caption_continuous', 'caption_static'):.0%}"
+        )
     for d in dtypes:
         ours, theirs = f"blipkit_{d}", f"blipkit_{d}_torch_kernels"
         lines.append(

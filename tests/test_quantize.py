@@ -111,3 +111,10 @@ def test_default_model_keeps_its_captions_in_int8():
     ref = blipkit.load("default")
     q = blipkit.load("default", quantize="int8")
     assert q.caption(files, max_new_tokens=8) == ref.caption(files, max_new_tokens=8)
+
+
+def test_caption_job_loads_int8(opt_dir, tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    args = ["--model", str(opt_dir), "--max-new-tokens", "3", "--workers", "0", "--out", str(out)]
+    assert main(["caption", "examples/red_circle.png", "--quantize", "int8", *args]) == 0
+    assert len(out.read_text().splitlines()) == 1
