@@ -4,6 +4,8 @@ modes this machine cannot run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hf_tiny import make_blip2
@@ -15,6 +17,7 @@ from blipkit.errors import EnvironmentProblem, UsageError
 from blipkit.models.quantize import check_mode, frozen_linears, outlier_ratios, quantize
 
 Dynamic = torch.ao.nn.quantized.dynamic.Linear
+IMAGE = Path(__file__).resolve().parents[1] / "examples" / "red_circle.png"
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
@@ -98,9 +101,9 @@ def test_bitsandbytes_missing_names_the_extra():
 
 
 def test_cli_refuses_before_loading(capsys):
-    assert main(["caption", "examples/red_circle.png", "--quantize", "4bit"]) == 2
+    assert main(["caption", str(IMAGE), "--quantize", "4bit"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
-    assert main(["caption", "examples/red_circle.png", "--quantize", "int8", "--dtype", "bf16"]) == 2
+    assert main(["caption", str(IMAGE), "--quantize", "int8", "--dtype", "bf16"]) == 2
 
 
 def test_default_model_keeps_its_captions_in_int8():
@@ -116,5 +119,5 @@ def test_default_model_keeps_its_captions_in_int8():
 def test_caption_job_loads_int8(opt_dir, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
     args = ["--model", str(opt_dir), "--max-new-tokens", "3", "--workers", "0", "--out", str(out)]
-    assert main(["caption", "examples/red_circle.png", "--quantize", "int8", *args]) == 0
+    assert main(["caption", str(IMAGE), "--quantize", "int8", *args]) == 0
     assert len(out.read_text().splitlines()) == 1
