@@ -277,10 +277,14 @@ class Engine:
                     self._finish(job, "length")
         except Exception as e:  # a failed batch fails its jobs, not the server
             log.exception("generation failed for a batch of %d", len(jobs))
-            for job in jobs:
-                if not job.finished:
-                    job.finished = True
-                    self._emit(job, ("error", e))
+            self._fail(jobs, e)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """End the jobs not finished yet with ``error``."""
+        for job in jobs:
+            if not job.finished:
+                job.finished = True
+                self._emit(job, ("error", error))
 
     def _generate(self, jobs: list[Job], entries: list[ImageEntry]) -> None:
         """One decoding run for the batch; tokens reach the jobs as they are produced."""
@@ -354,10 +358,7 @@ class Engine:
                         batch.step()
         except Exception as e:  # a failed batch fails its jobs, not the server
             log.exception("generation failed for a continuous batch of %d", len(seen))
-            for job in seen:
-                if not job.finished:
-                    job.finished = True
-                    self._emit(job, ("error", e))
+            self._fail(seen, e)
         finally:
             self._requeue(held)
 
