@@ -121,3 +121,13 @@ def test_caption_job_loads_int8(opt_dir, tmp_path, capsys):
     args = ["--model", str(opt_dir), "--max-new-tokens", "3", "--workers", "0", "--out", str(out)]
     assert main(["caption", str(IMAGE), "--quantize", "int8", *args]) == 0
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_llava_int8_answers(tmp_path):
+    from hf_tiny_llava import make_llava
+
+    make_llava(tmp_path / "llava")
+    q = blipkit.load(tmp_path / "llava", quantize="int8")
+    assert any(isinstance(m, Dynamic) for m in q.model.llm.modules())
+    assert isinstance(q.model.llm.get_output_embeddings(), nn.Linear)
+    assert isinstance(q.ask(IMAGE, "what is it?", 3), str)
