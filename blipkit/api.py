@@ -79,6 +79,7 @@ class Model:
     def require_llm(self) -> None:
         """Raise CapabilityError when the model cannot generate text."""
         self.require("caption")
+        self.text.require_llm()
 
     def quantize(self, mode: str = "int8", threshold: float = OUTLIER_RATIO) -> Quantized:
         """The frozen LLM's and vision encoder's Linear layers in 8 bits (``"int8"`` on CPU; ``"8bit"`` or
@@ -107,7 +108,6 @@ class Model:
         prompt = self.text.prompt(self.text.question("What is in the image? Describe it."), 8)
         plain = Decoder(self.model, self.text.eos_token_id, self.text.llm_pad_id, greedy_head=False)
         self.complete(pixels, [prompt], 8, decoder=plain)  # (a greedy head would probe on random inputs)
-        self.text.require_llm()
 
     # --- inputs ---------------------------------------------------------------------------------------------
     def pixel_values(self, images: Images | Tensor) -> Tensor:
