@@ -289,7 +289,6 @@ class Engine:
     def _generate(self, jobs: list[Job], entries: list[ImageEntry]) -> None:
         """One decoding run for the batch; tokens reach the jobs as they are produced."""
         blip, text, device = self.model.model, self.model.text, self.model.device
-        feats = torch.cat([e.features for e in entries])  # (B, Q, Dl) or (B, P, Dv)
         rows = [j.prompt.llm_ids for j in jobs]
         max_new = max(j.max_tokens for j in jobs)
         sampling = jobs[0].decoding()  # the group's (a job with processors of its own is alone)
@@ -298,6 +297,7 @@ class Engine:
             return self.deliver(jobs[row], token)
 
         if all(e.kv is not None for e in entries) and all(rows):
+            feats = torch.cat([e.features for e in entries])  # (B, Q, Dl)
             ids, mask = text.llm_batch(rows, side="left")  # the prefix comes first, from the cache
             inputs = blip.llm_inputs(feats, ids.to(device), mask.to(device))  # [prefix][pad][text]
             kv = [e.kv for e in entries]
