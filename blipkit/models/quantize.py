@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -107,33 +108,33 @@ def quantize(
     outliers reach ``threshold`` stay fp32; layers it never reaches stay fp32 too.
     """
     layers = frozen_linears(towers)
-    done = Quantized(mode)
+    chosen = {n for n in layers if n not in keep}
     if mode == "int8":
         ratios = outlier_ratios(layers, calibrate) if calibrate is not None else {}
-        chosen = {n for n in layers if n not in keep and ratios.get(n, float("inf")) < threshold}
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        with warnings.catch_warnings():  # torch.ao's notes that torchao is its successor (slower here)
-            warnings.simplefilter("ignore")
-            for name, (parent, attr, layer) in layers.items():
-                if name in chosen:
-                    holder = nn.Sequential(layer)
-                    torch.ao.quantization.quantize_dynamic(holder, {nn.Linear: qconfig}, inplace=True)
-                    setattr(parent, attr, holder[0])
-        done.quantized = sorted(chosen)
+        chosen = {n for n in chosen if ratios.get(n, float("inf")) < threshold}
+        convert = _int8_linear
     else:
-        import bitsandbytes as bnb
-
-        chosen = {n for n in layers if n not in keep}
-        for name, (parent, attr, layer) in layers.items():
-            if name in chosen:
-                setattr(parent, attr, _bnb_linear(bnb, layer, mode))
-        done.quantized = sorted(chosen)
-    done.kept = sorted(set(layers) - set(done.quantized))
-    return done
+        convert = partial(_bnb_linear, mode=mode)
+    with warnings.catch_warnings():  # torch.ao's notes that torchao is its successor (slower here)
+        warnings.simplefilter("ignore")
+        for name in chosen:
+            parent, attr, layer = layers[name]
+            setattr(parent, attr, convert(layer))
+    return Quantized(mode, sorted(chosen), sorted(set(layers) - chosen))
 
 
-def _bnb_linear(bnb, layer: nn.Linear, mode: str) -> nn.Module:
+def _int8_linear(layer: nn.Linear) -> nn.Module:
+    """``layer`` as torch.ao's dynamically quantized Linear (per-channel int8 weights)."""
+    holder = nn.Sequential(layer)
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    torch.ao.quantization.quantize_dynamic(holder, {nn.Linear: qconfig}, inplace=True)
+    return holder[0]
+
+
+def _bnb_linear(layer: nn.Linear, mode: str) -> nn.Module:
     """A bitsandbytes layer holding ``layer``'s weights; they are quantized when it moves to the GPU."""
+    import bitsandbytes as bnb
+
     device = layer.weight.device
     weight = layer.weight.detach().to("cpu", torch.float16)
     bias = layer.bias is not None
