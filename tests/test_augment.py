@@ -61,6 +61,14 @@ def test_palette_is_easy_vqa_and_the_examples_fall_in_their_names():
         assert nearest_colour(rgb) == name
 
 
+@pytest.mark.parametrize("rgb", [(220, 30, 30), (200, 0, 0), (230, 0, 30)])
+def test_plain_reds_are_inside_red_training_region(rgb):
+    """Views recoloured to these reds are labelled "red": they are not left in the gap beside brown."""
+    d = palette_distances(rgb)
+    index = list(PALETTE).index("red")
+    assert d[index] + LABEL_MARGIN <= np.delete(d, index).min() and d[index] <= LABEL_RADIUS
+
+
 @pytest.mark.parametrize("colour", list(PALETTE))
 def test_jittered_colours_stay_in_their_name(colour):
     rng = random.Random(f"jitter/{colour}")

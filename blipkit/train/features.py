@@ -30,7 +30,7 @@ from torch import nn
 from blipkit.processing import ImageProcessor, load_image
 
 FEATURES_FILE = "features.npy"
-AUGMENT_VERSION = 3  # part of the cache key: views made by an older augmentation are not reused
+AUGMENT_VERSION = 4  # part of the cache key: views made by an older augmentation are not reused
 INDEX_FILE = "images.json"
 
 
@@ -44,7 +44,8 @@ PALETTE = {  # easy-VQA's shape colours, exact
     "gray": (128, 128, 128),
     "black": (0, 0, 0),
 }
-LABEL_MARGIN = 10.0  # a recoloured shape is this much (CIELAB) nearer its label's colour than any other
+LABEL_MARGIN = 4.0  # a recoloured shape is this much (CIELAB) nearer its label's colour than any other;
+# small, so plain reds such as (220, 30, 30) and (200, 0, 0), 7.5-10 nearer red than brown, are named "red"
 LABEL_RADIUS = 50.0  # and at most this far (CIELAB) from it: the part of the name's region users draw
 CONTRAST = 40.0  # least CIELAB distance between a new background and the shape
 BACKGROUND_MARGIN = 12.0  # least CIELAB distance between a new background and any palette colour
