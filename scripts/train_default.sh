@@ -3,37 +3,58 @@
 #   1. stage 1 (ITC/ITM/ITG) on derived captions, Q-Former started from all-MiniLM-L6-v2
 #   2. stage 2: caption/answer warm start, then the LM loss through frozen SmolLM2 (question-aware queries)
 #   2b. augmented views held to the plain view's visual prompt (keep loss, teacher = stage 2, no LLM)
-#   3. image-text matching (ITM with hard negatives) on the stage-2 Q-Former, held to stage 2's visual
-#      prompts by the keep loss (no LLM forward), so the answers stay as they were
+#   2c. the LM loss on augmented views and prompted captions ("a photo of" -> "a red circle"), held near 2b's
+#       visual prompts by a lighter keep loss
+#   3. image-text matching (ITM with hard negatives) jointly with the LM loss, held near 2c's visual prompts
+#      (an ITM stage without the LM loss moved the colour answers of drawn scenes that sit near a boundary)
 #   4. a short stage-1 pass that trains only the ITC projections and temperature on that Q-Former, so the
 #      shipped checkpoint answers questions and also embeds / matches / classifies
 # Usage: scripts/train_default.sh [RUN_DIR]   (re-running continues an interrupted stage with --resume)
 #   BASE=DIR: continue a trained checkpoint instead (the shipped model's way since v2): no stage 1, and
 #             stage 2 is configs/default_stage2_tune.json (no warm start) started from DIR
+#   TUNE=0:   with BASE, no LM tune before 2b either: 2b starts from DIR and holds the augmented views to
+#             DIR's own visual prompts on the plain views (the shipped model's way since v3)
 #   SHIP=0:   leave blipkit/weights/default alone (check $RUN/stage1_heads/final-fp16 first)
+#   ARGS="...": extra options for every stage, e.g. ARGS=--precision=fp32 on a CPU without bf16
 set -euo pipefail
 RUN=${1:-runs/default}
 BASE=${BASE:-}
+TUNE=${TUNE:-1}
 SHIP=${SHIP:-1}
+read -r -a extra <<< "${ARGS:-}"
 resume_flag() { [ -f "$1/resume.json" ] && echo --resume || true; }
+train() { python -m blipkit.train "$@" "${extra[@]}"; }
 
-if [ -n "$BASE" ]; then
-    [ -d "$RUN/stage2/final" ] || python -m blipkit.train stage2 --config configs/default_stage2_tune.json \
+START=$RUN/stage2/final  # what stage 2b starts from and holds the augmented views to
+if [ -n "$BASE" ] && [ "$TUNE" = 0 ]; then
+    START=$BASE
+elif [ -n "$BASE" ]; then
+    [ -d "$RUN/stage2/final" ] || train stage2 --config configs/default_stage2_tune.json \
         --out "$RUN/stage2" --init_from="$BASE" $(resume_flag "$RUN/stage2")
 else
-    [ -d "$RUN/stage1/final" ] || python -m blipkit.train stage1 --config configs/default_stage1.json \
+    [ -d "$RUN/stage1/final" ] || train stage1 --config configs/default_stage1.json \
         --out "$RUN/stage1" $(resume_flag "$RUN/stage1")
-    [ -d "$RUN/stage2/final" ] || python -m blipkit.train stage2 --config configs/default_stage2.json \
+    [ -d "$RUN/stage2/final" ] || train stage2 --config configs/default_stage2.json \
         --out "$RUN/stage2" --init_from="$RUN/stage1/final" $(resume_flag "$RUN/stage2")
 fi
-[ -d "$RUN/stage2_views/final" ] || python -m blipkit.train stage2 --config configs/default_stage2_views.json \
-    --out "$RUN/stage2_views" --init_from="$RUN/stage2/final" --teacher="$RUN/stage2/final" \
+[ -d "$RUN/stage2_views/final" ] || train stage2 --config configs/default_stage2_views.json \
+    --out "$RUN/stage2_views" --init_from="$START" --teacher="$START" \
     $(resume_flag "$RUN/stage2_views")
-[ -d "$RUN/stage2_itm/final" ] || python -m blipkit.train stage2 --config configs/default_stage2_itm.json \
-    --out "$RUN/stage2_itm" --init_from="$RUN/stage2_views/final" --teacher="$RUN/stage2_views/final" \
-    $(resume_flag "$RUN/stage2_itm")
-[ -d "$RUN/stage1_heads/final-fp16" ] || python -m blipkit.train stage1 \
-    --config configs/default_stage1_heads.json --out "$RUN/stage1_heads" --init_from="$RUN/stage2_itm/final" \
+# 2c twice, each round held to the one before; then 3 twice, the second round shorter and slower
+[ -d "$RUN/stage2_prompts/final" ] || train stage2 --config configs/default_stage2_prompts.json \
+    --out "$RUN/stage2_prompts" --init_from="$RUN/stage2_views/final" --teacher="$RUN/stage2_views/final" \
+    $(resume_flag "$RUN/stage2_prompts")
+[ -d "$RUN/stage2_prompts2/final" ] || train stage2 --config configs/default_stage2_prompts.json \
+    --out "$RUN/stage2_prompts2" --init_from="$RUN/stage2_prompts/final" --teacher="$RUN/stage2_prompts/final" \
+    $(resume_flag "$RUN/stage2_prompts2")
+[ -d "$RUN/stage2_joint/final" ] || train stage2 --config configs/default_stage2_joint.json \
+    --out "$RUN/stage2_joint" --init_from="$RUN/stage2_prompts2/final" --teacher="$RUN/stage2_prompts2/final" \
+    $(resume_flag "$RUN/stage2_joint")
+[ -d "$RUN/stage2_joint2/final" ] || train stage2 --config configs/default_stage2_joint.json \
+    --out "$RUN/stage2_joint2" --init_from="$RUN/stage2_joint/final" --teacher="$RUN/stage2_joint/final" \
+    --max_steps=120 --lr=0.0001 --warmup_steps=5 $(resume_flag "$RUN/stage2_joint2")
+[ -d "$RUN/stage1_heads/final-fp16" ] || train stage1 \
+    --config configs/default_stage1_heads.json --out "$RUN/stage1_heads" --init_from="$RUN/stage2_joint2/final" \
     $(resume_flag "$RUN/stage1_heads")
 
 [ "$SHIP" = 1 ] || { echo "trained: $RUN/stage1_heads/final-fp16 (not shipped, SHIP=$SHIP)"; exit 0; }

@@ -10,11 +10,12 @@
 #   BASE=DIR:  continue a trained projector instead (how the shipped one was made since v2): no stage 1, and
 #              stage 2 is configs/default_llava_stage2_tune.json started from DIR
 #   SHIP=0:    leave blipkit/weights/default-llava alone (check $RUN/stage2/final-fp16 first)
+#   ARGS="...": extra options for every stage, e.g. ARGS=--precision=fp32 on a CPU without bf16
 set -euo pipefail
 RUN=${1:-runs/default-llava}
 BASE=${BASE:-}
 SHIP=${SHIP:-1}
-extra=()
+read -r -a extra <<< "${ARGS:-}"
 [ -n "${THREADS:-}" ] && extra+=("--threads=$THREADS")
 resume_flag() { [ -f "$1/resume.json" ] && echo --resume || true; }
 s1=(); [ -n "${STAGE1_STEPS:-}" ] && s1+=("--max_steps=$STAGE1_STEPS")
