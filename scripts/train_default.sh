@@ -37,22 +37,19 @@ else
     [ -d "$RUN/stage2/final" ] || train stage2 --config configs/default_stage2.json \
         --out "$RUN/stage2" --init_from="$RUN/stage1/final" $(resume_flag "$RUN/stage2")
 fi
-[ -d "$RUN/stage2_views/final" ] || train stage2 --config configs/default_stage2_views.json \
-    --out "$RUN/stage2_views" --init_from="$START" --teacher="$START" \
-    $(resume_flag "$RUN/stage2_views")
+held() {  # held OUT CONFIG FROM [OPTION...]: a stage-2 run from FROM, its keep loss held to FROM
+    local out=$1 config=$2 from=$3
+    shift 3
+    [ -d "$RUN/$out/final" ] || train stage2 --config "$config" --out "$RUN/$out" --init_from="$from" \
+        --teacher="$from" "$@" $(resume_flag "$RUN/$out")
+}
+held stage2_views configs/default_stage2_views.json "$START"
 # 2c twice, each round held to the one before; then 3 twice, the second round shorter and slower
-[ -d "$RUN/stage2_prompts/final" ] || train stage2 --config configs/default_stage2_prompts.json \
-    --out "$RUN/stage2_prompts" --init_from="$RUN/stage2_views/final" --teacher="$RUN/stage2_views/final" \
-    $(resume_flag "$RUN/stage2_prompts")
-[ -d "$RUN/stage2_prompts2/final" ] || train stage2 --config configs/default_stage2_prompts.json \
-    --out "$RUN/stage2_prompts2" --init_from="$RUN/stage2_prompts/final" --teacher="$RUN/stage2_prompts/final" \
-    $(resume_flag "$RUN/stage2_prompts2")
-[ -d "$RUN/stage2_joint/final" ] || train stage2 --config configs/default_stage2_joint.json \
-    --out "$RUN/stage2_joint" --init_from="$RUN/stage2_prompts2/final" --teacher="$RUN/stage2_prompts2/final" \
-    $(resume_flag "$RUN/stage2_joint")
-[ -d "$RUN/stage2_joint2/final" ] || train stage2 --config configs/default_stage2_joint.json \
-    --out "$RUN/stage2_joint2" --init_from="$RUN/stage2_joint/final" --teacher="$RUN/stage2_joint/final" \
-    --max_steps=120 --lr=0.0001 --warmup_steps=5 $(resume_flag "$RUN/stage2_joint2")
+held stage2_prompts configs/default_stage2_prompts.json "$RUN/stage2_views/final"
+held stage2_prompts2 configs/default_stage2_prompts.json "$RUN/stage2_prompts/final"
+held stage2_joint configs/default_stage2_joint.json "$RUN/stage2_prompts2/final"
+held stage2_joint2 configs/default_stage2_joint.json "$RUN/stage2_joint/final" \
+    --max_steps=120 --lr=0.0001 --warmup_steps=5
 [ -d "$RUN/stage1_heads/final-fp16" ] || train stage1 \
     --config configs/default_stage1_heads.json --out "$RUN/stage1_heads" --init_from="$RUN/stage2_joint2/final" \
     $(resume_flag "$RUN/stage1_heads")
